@@ -1,0 +1,93 @@
+//! `laco-train generate`: text from a prompt, streamed to stdout.
+
+use super::{model_dir, print_json, Common};
+use crate::device::{dispatch, Job};
+use crate::model::generate::{generate, Sampling};
+use crate::model::Pretrained;
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Generate a continuation of --prompt with the model in --model.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json); default: the bundled tiny Qwen3.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prompt text; encoded without special tokens, as given.
+    #[arg(long)]
+    pub prompt: String,
+    /// Number of tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy (argmax).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop at the tokenizer's end-of-text token.
+    #[arg(long)]
+    pub stop_at_eos: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+impl Job for GenerateArgs {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let pre = Pretrained::<B>::load(&model_dir(&self.model), &device)?;
+        let prompt = pre.tokenizer.encode(&self.prompt)?;
+        if prompt.is_empty() {
+            bail!("--prompt: encodes to no tokens");
+        }
+        let sampling = Sampling { temperature: self.temperature, top_p: self.top_p, seed: self.seed };
+        let eos = if self.stop_at_eos { pre.tokenizer.eos_id() } else { None };
+        let mut printed = String::new();
+        let mut new_ids = Vec::new();
+        let stream = !self.common.json;
+        let ids = generate(&pre, &prompt, self.max_new_tokens, &sampling, eos, |id| {
+            new_ids.push(id);
+            if stream {
+                // Decode everything so far and print only the new suffix: byte-level tokens can
+                // complete a character only together.
+                let text = pre.tokenizer.decode(&new_ids)?;
+                if text.len() > printed.len() && text.starts_with(&printed) && !text.ends_with('\u{FFFD}') {
+                    print!("{}", &text[printed.len()..]);
+                    std::io::stdout().flush()?;
+                    printed = text;
+                }
+            }
+            Ok(())
+        })?;
+        let text = pre.tokenizer.decode(&ids)?;
+        if stream {
+            if text.len() > printed.len() && text.starts_with(&printed) {
+                print!("{}", &text[printed.len()..]);
+            }
+            println!();
+        } else {
+            print_json(&serde_json::json!({
+                "task": "generate", "prompt": self.prompt, "prompt_ids": prompt,
+                "new_ids": ids, "text": text,
+            }));
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if args.temperature < 0.0 {
+        bail!("--temperature must be >= 0 (got {})", args.temperature);
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1] (got {})", args.top_p);
+    }
+    let common = args.common.clone();
+    dispatch(common.device, common.dtype, args)
+}

@@ -1,0 +1,82 @@
+//! The command line: one file per subcommand, all sharing [`Common`] options.
+
+mod eval;
+mod generate;
+
+use crate::device::{DeviceChoice, Precision};
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// The tiny Qwen3 bundled with laco-train, used when `--model` is not given.
+pub const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-qwen3");
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "laco-train",
+    version,
+    about = "Prune a Hugging Face decoder LLM by LaCo layer collapse, recover it by distillation into LoRA adapters, and measure the result",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt, streaming tokens as they come.
+    Generate(generate::GenerateArgs),
+    /// Evaluate a model (perplexity on a text file).
+    Eval(eval::EvalArgs),
+}
+
+/// Options every command takes.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a binary built with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = clap::value_parser!(DeviceChoice))]
+    pub device: DeviceChoice,
+    /// Compute dtype; weights are converted to it on load. auto = f32 on cpu, bf16 on cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: Precision,
+    /// Print one JSON object with the results as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl clap::builder::ValueParserFactory for DeviceChoice {
+    type Parser = clap::builder::ValueParser;
+    fn value_parser() -> Self::Parser {
+        clap::builder::ValueParser::new(|s: &str| s.parse::<DeviceChoice>().map_err(|e| e.to_string()))
+    }
+}
+
+/// `--model DIR`, defaulting to the bundled tiny model.
+pub fn model_dir(arg: &Option<PathBuf>) -> PathBuf {
+    arg.clone().unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL))
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
+    }
+}
+
+/// Prints the final JSON line of a `--json` run.
+pub fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string(value).expect("JSON values serialise"));
+}
+
+/// A progress bar on stderr with a message slot, hidden when stderr is not a terminal.
+pub fn progress_bar(label: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_string());
+    bar
+}

@@ -1,0 +1,5 @@
+//! Reading training and evaluation data.
+
+pub mod text;
+
+pub use text::read_text;

@@ -1,0 +1,3 @@
+//! Evaluation tasks.
+
+pub mod ppl;

@@ -1,0 +1,132 @@
+//! The decoder stack and its language-model head, named as the Hugging Face weights are:
+//! `model.embed_tokens`, `model.layers.N.{input_layernorm,self_attn,post_attention_layernorm,mlp}`,
+//! `model.norm`, `lm_head`.
+
+use super::{attention::Attention, cache::KvCache, checkpoint::Checkpoint, config::ModelConfig, linear::Linear, mlp::Mlp, norm::RmsNorm, rope::Rope};
+use anyhow::Result;
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, module::embedding, Bool, Int, Tensor};
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn load(ck: &Checkpoint, i: usize, cfg: &ModelConfig, device: &B::Device) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::load(ck, &format!("{p}.input_layernorm.weight"), h, eps, device)?,
+            self_attn: Attention::load(ck, &format!("{p}.self_attn"), cfg, device)?,
+            post_attention_layernorm: RmsNorm::load(ck, &format!("{p}.post_attention_layernorm.weight"), h, eps, device)?,
+            mlp: Mlp::load(ck, &format!("{p}.mlp"), cfg, device)?,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        key_padding: Option<&Tensor<B, 2, Bool>>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+        start: usize,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, key_padding, cache, start);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// `model.*`: embeddings, layers, final norm.
+#[derive(Module, Debug)]
+pub struct Model<B: Backend> {
+    /// `[vocab_size, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// The whole causal LM; `lm_head` is `None` when tied to `model.embed_tokens`.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub model: Model<B>,
+    pub lm_head: Option<Linear<B>>,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Builds the model by walking the checkpoint's weight names; fails on any missing,
+    /// misshapen or left-over tensor.
+    pub fn load(ck: &Checkpoint, cfg: &ModelConfig, device: &B::Device) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = Param::from_tensor(ck.tensor("model.embed_tokens.weight", [v, h], device)?);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(ck, i, cfg, device))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(ck, "model.norm.weight", h, cfg.rms_norm_eps, device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(ck, "lm_head", h, v, false, device)?)
+        };
+        let tied = cfg.tie_word_embeddings;
+        ck.finish(|name| name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight"))?;
+        Ok(Self { model: Model { embed_tokens, layers, norm }, lm_head })
+    }
+
+    /// Runs the decoder and returns the final normed hidden states `[batch, seq, hidden]`.
+    ///
+    /// - `ids`: `[batch, seq]`, the first token at position `cache.len()` (0 without a cache)
+    /// - `key_padding`: `[batch, cached + seq]`, true where a key is padding (right-padded batches)
+    /// - `layer_inputs`: when given, receives the input of every decoder layer (index 0 is the
+    ///   embedding output), as transformers' `hidden_states` minus the last
+    pub fn hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        rope: &Rope<B>,
+        key_padding: Option<&Tensor<B, 2, Bool>>,
+        mut cache: Option<&mut KvCache<B>>,
+        mut layer_inputs: Option<&mut Vec<Tensor<B, 3>>>,
+    ) -> Tensor<B, 3> {
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let mut x = embedding(self.model.embed_tokens.val(), ids);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            if let Some(inputs) = layer_inputs.as_deref_mut() {
+                inputs.push(x.clone());
+            }
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            x = layer.forward(x, rope, key_padding, layer_cache, start);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// `[batch, seq, hidden]` -> logits `[batch, seq, vocab_size]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, s, h] = hidden.dims();
+                let w = self.model.embed_tokens.val();
+                let v = w.dims()[0];
+                hidden.reshape([b * s, h]).matmul(w.transpose()).reshape([b, s, v])
+            }
+        }
+    }
+
+    /// Logits for every position: `hidden` then `logits`.
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        rope: &Rope<B>,
+        key_padding: Option<&Tensor<B, 2, Bool>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.logits(self.hidden(ids, rope, key_padding, cache, None))
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+}

@@ -1,0 +1,47 @@
+//! A projection stored as Hugging Face stores it: `weight` is `[out_features, in_features]`.
+
+use super::checkpoint::Checkpoint;
+use anyhow::Result;
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Tensor};
+
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[out_features, in_features]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out_features]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let weight = ck.tensor(&format!("{prefix}.weight"), [out_features, in_features], device)?;
+        let bias = if bias {
+            Some(Param::from_tensor(ck.tensor(&format!("{prefix}.bias"), [out_features], device)?))
+        } else {
+            None
+        };
+        Ok(Self { weight: Param::from_tensor(weight), bias })
+    }
+
+    /// # Shapes
+    /// `[batch, seq, in]` -> `[batch, seq, out]`, as one `[batch*seq, in] x [in, out]` matmul.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, seq, d_in] = x.dims();
+        let y = x.reshape([batch * seq, d_in]).matmul(self.weight.val().transpose());
+        let y = match &self.bias {
+            Some(b) => y + b.val().unsqueeze::<2>(),
+            None => y,
+        };
+        let d_out = y.dims()[1];
+        y.reshape([batch, seq, d_out])
+    }
+}

@@ -1,0 +1,28 @@
+//! RMSNorm as transformers computes it: statistics in f32, then scaled by `weight`.
+
+use super::checkpoint::Checkpoint;
+use anyhow::Result;
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, DType, Tensor};
+
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[dim]`.
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn load(ck: &Checkpoint, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self> {
+        Ok(Self { weight: Param::from_tensor(ck.tensor(name, [dim], device)?), eps })
+    }
+
+    /// Normalises the last dimension of a tensor of any rank.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x32 = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
+        let inv_rms = x32.clone().powi_scalar(2).mean_dim(D - 1).add_scalar(self.eps).sqrt().recip();
+        let normed = (x32 * inv_rms).cast(dtype);
+        normed * self.weight.val().unsqueeze::<D>()
+    }
+}

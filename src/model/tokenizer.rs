@@ -1,0 +1,42 @@
+//! `tokenizer.json` through the Hugging Face tokenizers crate.
+
+use anyhow::{anyhow, Result};
+use std::path::Path;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(anyhow!("{}: not found", path.display()));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok(Self { inner })
+    }
+
+    /// Ids of `text` without special tokens (transformers' `add_special_tokens=False`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizer: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| anyhow!("tokenizer: {e}"))
+    }
+
+    /// Number of tokens the tokenizer defines, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The end-of-text id: `<|endoftext|>`, `</s>` or `<|end_of_text|>`, whichever exists.
+    pub fn eos_id(&self) -> Option<u32> {
+        ["<|endoftext|>", "</s>", "<|end_of_text|>"].iter().find_map(|t| self.token_id(t))
+    }
+}
