@@ -1,6 +1,16 @@
 use clap::Parser;
 
+// Tensor buffers come and go every layer; mimalloc reuses them instead of mapping fresh pages.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `purge_delay` option: -1 keeps freed pages committed, so the next layer's buffers
+/// reuse them instead of faulting in zeroed pages from the kernel.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() {
+    // SAFETY: sets a global allocator option; no allocation is in flight across this call.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = laco_train::cli::Cli::parse();
     if let Err(e) = laco_train::cli::run(cli) {
         // One line for the user: the error and its causes, no backtrace.

@@ -2,9 +2,9 @@
 //! BOS added), non-overlapping windows of `window` tokens, each window predicting its last
 //! `window - 1` tokens; ppl = exp(mean NLL).
 
-use crate::model::Pretrained;
+use crate::model::{chunk::row_chunks, Pretrained};
 use anyhow::{bail, Result};
-use burn::tensor::{activation::log_softmax, backend::Backend, DType, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, ElementConversion, Int, Tensor, TensorData};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
@@ -41,9 +41,15 @@ pub fn perplexity<B: Backend>(
         let group: Vec<&[u32]> = windows[i..].iter().take(batch).take_while(|w| w.len() == len).cloned().collect();
         let flat: Vec<i32> = group.iter().flat_map(|w| w.iter().map(|&t| t as i32)).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [group.len(), len]), &device);
-        let logits = pre.lm.forward(ids.clone(), &pre.rope, None, None);
-        let nll = sequence_nll(logits, ids);
-        total_nll += nll.sum().cast(DType::F32).into_scalar().elem::<f64>();
+        let hidden = pre.lm.hidden(ids.clone(), &pre.rope, None, None, None);
+        let rows = group.len() * (len - 1);
+        let hidden = hidden.narrow(1, 0, len - 1).reshape([rows, pre.config.hidden_size]);
+        let targets = ids.narrow(1, 1, len - 1).reshape([rows]);
+        for r in row_chunks(rows, pre.config.vocab_size) {
+            let logits = pre.lm.logits_2d(hidden.clone().slice(r.clone()));
+            let nll = token_nll(logits, targets.clone().slice(r));
+            total_nll += nll.sum().cast(DType::F32).into_scalar().elem::<f64>();
+        }
         count += group.len() * (len - 1);
         i += group.len();
         progress.inc(group.len() as u64);
@@ -52,12 +58,13 @@ pub fn perplexity<B: Backend>(
     Ok(Perplexity { ppl: mean_nll.exp(), mean_nll, predicted_tokens: count })
 }
 
-/// Per-position next-token NLL: logits `[b, s, v]` at positions 0..s-1 against ids at 1..s.
-/// Returns `[b, s-1]`, computed in f32.
-pub fn sequence_nll<B: Backend>(logits: Tensor<B, 3>, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-    let [b, s, _] = logits.dims();
-    let logits = logits.narrow(1, 0, s - 1).cast(DType::F32);
-    let targets = ids.narrow(1, 1, s - 1).reshape([b, s - 1, 1]);
-    let logp = log_softmax(logits, 2);
-    logp.gather(2, targets).reshape([b, s - 1]).neg()
+/// Next-token NLL per row: logits `[n, vocab]` against target ids `[n]`, in f32:
+/// `logsumexp(logits) - logits[target]`, on 2-D views only.
+pub fn token_nll<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let logits = logits.cast(DType::F32);
+    let n = logits.dims()[0];
+    let max = logits.clone().max_dim(1);
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let picked = logits.gather(1, targets.reshape([n, 1]));
+    (lse - picked).reshape([n])
 }

@@ -1,9 +1,9 @@
 //! Grouped-query self-attention with optional per-head q/k RMSNorm (Qwen3) and q/k/v bias (Qwen2).
 
-use super::{cache::KvCache, checkpoint::Checkpoint, config::{Family, ModelConfig}, linear::Linear, norm::RmsNorm, rope::Rope};
+use super::{cache::KvCache, checkpoint::Checkpoint, config::{Family, ModelConfig}, linear::Linear, norm::RmsNorm, rope::{Rope, RopeAt}};
 use anyhow::Result;
 use burn::module::Module;
-use burn::tensor::{backend::Backend, module::attention, ops::AttentionModuleOptions, Bool, Tensor};
+use burn::tensor::{activation::softmax, backend::Backend, Tensor};
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -43,19 +43,20 @@ impl<B: Backend> Attention<B> {
     }
 
     /// # Shapes
-    /// - `x`: `[batch, seq, hidden]`, its first token at position `start`
-    /// - `key_padding`: `[batch, start + seq]`, true where the key is padding
+    /// - `x`: `[batch, seq, hidden]`, its positions' rotary tables in `pos`
+    /// - `mask`: additive, `[1, seq * keys]` (causal) or `[batch * heads, seq * keys]` (padding)
     /// - returns `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        key_padding: Option<&Tensor<B, 2, Bool>>,
+        pos: &RopeAt<B>,
+        mask: Option<&Tensor<B, 2>>,
         cache: Option<(&mut KvCache<B>, usize)>,
-        start: usize,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let rep = nh / nkv;
 
         // 1. Project: (B, L, hidden) -> (B, L, H, D), then per-head norm (Qwen3).
         let q = self.q_proj.forward(x.clone()).reshape([batch, seq, nh, d]);
@@ -66,37 +67,35 @@ impl<B: Backend> Attention<B> {
             _ => (q, k),
         };
 
-        // 2. (B, L, H, D) -> (B, H, L, D) and rotate.
-        let q = rope.apply(q.swap_dims(1, 2), start);
-        let k = rope.apply(k.swap_dims(1, 2), start);
-        let v = v.swap_dims(1, 2);
+        // 2. Rotate; fold the 1/sqrt(D) score scale into q.
+        let q = rope.apply(q, &pos.q).mul_scalar(1.0 / (d as f64).sqrt());
+        let k = rope.apply(k, &pos.k);
 
-        // 3. Extend with the cache: keys and values cover positions 0..start+seq.
+        // 3. (B, L, H, D) -> (B, H, L, D), extended by the cache to all T keys.
+        let k = k.swap_dims(1, 2);
+        let v = v.swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let total = k.dims()[2];
+        let keys = k.dims()[2];
 
-        // 4. Grouped-query: repeat each KV head for its group of query heads.
-        let k = repeat_kv(k, nh / nkv);
-        let v = repeat_kv(v, nh / nkv);
+        // 4. Scores per KV group, without copying K: q (B, nkv, rep, L, D) x k^T (B, nkv, 1, D, T).
+        let q = q.reshape([batch, seq, nkv, rep, d]).permute([0, 2, 3, 1, 4]);
+        let scores = q.matmul(k.unsqueeze_dim::<5>(2).swap_dims(3, 4));
 
-        // 5. Causal attention (bottom-right aligned, so cached prefixes are visible) plus padding.
-        let mask = key_padding.map(|p| p.clone().reshape([batch, 1, 1, total]).expand([batch, nh, seq, total]));
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-        let out = attention(q, k, v, mask, None, options);
+        // 5. Mask (causal and padding, additive) and softmax over keys.
+        let scores = scores.reshape([batch * nh, seq * keys]);
+        let scores = match mask {
+            Some(m) => scores + m.clone(),
+            None => scores,
+        };
+        let probs = softmax(scores.reshape([batch * nh * seq, keys]), 1);
 
-        // 6. (B, H, L, D) -> (B, L, H*D) -> o_proj.
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, nh * d]))
+        // 6. probs (B, nkv, rep, L, T) x v (B, nkv, 1, T, D) -> (B, L, H*D) -> o_proj.
+        let out = probs.reshape([batch, nkv, rep, seq, keys]).matmul(v.unsqueeze_dim::<5>(2));
+        let out = out.reshape([batch, nh, seq, d]).swap_dims(1, 2).reshape([batch, seq, nh * d]);
+        self.o_proj.forward(out)
     }
 }
 
-/// `[batch, kv_heads, seq, d]` -> `[batch, kv_heads * n_rep, seq, d]`, each head repeated in place.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, nkv, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2).expand([b, nkv, n_rep, s, d]).reshape([b, nkv * n_rep, s, d])
-}

@@ -2,10 +2,10 @@
 //! `model.embed_tokens`, `model.layers.N.{input_layernorm,self_attn,post_attention_layernorm,mlp}`,
 //! `model.norm`, `lm_head`.
 
-use super::{attention::Attention, cache::KvCache, checkpoint::Checkpoint, config::ModelConfig, linear::Linear, mlp::Mlp, norm::RmsNorm, rope::Rope};
+use super::{attention::Attention, cache::KvCache, checkpoint::Checkpoint, config::ModelConfig, linear::Linear, mlp::Mlp, norm::RmsNorm, rope::{Rope, RopeAt}};
 use anyhow::Result;
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, module::embedding, Bool, Int, Tensor};
+use burn::tensor::{backend::Backend, module::embedding, Bool, Int, Tensor, TensorData};
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
@@ -31,11 +31,11 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        key_padding: Option<&Tensor<B, 2, Bool>>,
+        pos: &RopeAt<B>,
+        mask: Option<&Tensor<B, 2>>,
         cache: Option<(&mut KvCache<B>, usize)>,
-        start: usize,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, key_padding, cache, start);
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, pos, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -91,27 +91,35 @@ impl<B: Backend> CausalLm<B> {
         mut layer_inputs: Option<&mut Vec<Tensor<B, 3>>>,
     ) -> Tensor<B, 3> {
         let start = cache.as_ref().map_or(0, |c| c.len());
+        let [_, seq] = ids.dims();
+        let attn = &self.model.layers[0].self_attn;
+        let device = ids.device();
+        let pos = rope.at(start, seq, attn.num_heads, attn.num_kv_heads, &device);
+        let mask = attention_mask::<B>(start, seq, attn.num_heads, key_padding, &device);
         let mut x = embedding(self.model.embed_tokens.val(), ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
             if let Some(inputs) = layer_inputs.as_deref_mut() {
                 inputs.push(x.clone());
             }
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(x, rope, key_padding, layer_cache, start);
+            x = layer.forward(x, rope, &pos, mask.as_ref(), layer_cache);
         }
         self.model.norm.forward(x)
     }
 
     /// `[batch, seq, hidden]` -> logits `[batch, seq, vocab_size]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, h] = hidden.dims();
+        let logits = self.logits_2d(hidden.reshape([b * s, h]));
+        let v = logits.dims()[1];
+        logits.reshape([b, s, v])
+    }
+
+    /// `[rows, hidden]` -> logits `[rows, vocab_size]`; see [`super::chunk`] for running it in pieces.
+    pub fn logits_2d(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                let [b, s, h] = hidden.dims();
-                let w = self.model.embed_tokens.val();
-                let v = w.dims()[0];
-                hidden.reshape([b * s, h]).matmul(w.transpose()).reshape([b, s, v])
-            }
+            Some(head) => head.forward_2d(hidden),
+            None => hidden.matmul(self.model.embed_tokens.val().transpose()),
         }
     }
 
@@ -129,4 +137,29 @@ impl<B: Backend> CausalLm<B> {
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
     }
+}
+
+/// The additive attention mask for queries at `start..start+seq` over keys `0..start+seq`:
+/// `-inf` above the causal diagonal and on padded keys. `[1, seq * keys]` when only causal (shared
+/// by every batch row and head), `[batch * heads, seq * keys]` with padding; `None` when nothing
+/// is masked (one new token and no padding).
+fn attention_mask<B: Backend>(
+    start: usize,
+    seq: usize,
+    heads: usize,
+    key_padding: Option<&Tensor<B, 2, Bool>>,
+    device: &B::Device,
+) -> Option<Tensor<B, 2>> {
+    let keys = start + seq;
+    let causal: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..keys).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let causal = Tensor::<B, 2>::from_data(TensorData::new(causal, [seq, keys]), device);
+    let Some(padding) = key_padding else {
+        return (seq > 1).then(|| causal.reshape([1, seq * keys]));
+    };
+    let batch = padding.dims()[0];
+    let pad = Tensor::<B, 2>::zeros([batch, keys], device).mask_fill(padding.clone(), f32::NEG_INFINITY);
+    let full = pad.reshape([batch, 1, keys]) + causal.unsqueeze::<3>();
+    Some(full.unsqueeze_dim::<4>(1).repeat_dim(1, heads).reshape([batch * heads, seq * keys]))
 }

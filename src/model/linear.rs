@@ -36,12 +36,17 @@ impl<B: Backend> Linear<B> {
     /// `[batch, seq, in]` -> `[batch, seq, out]`, as one `[batch*seq, in] x [in, out]` matmul.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, d_in] = x.dims();
-        let y = x.reshape([batch * seq, d_in]).matmul(self.weight.val().transpose());
-        let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze::<2>(),
-            None => y,
-        };
+        let y = self.forward_2d(x.reshape([batch * seq, d_in]));
         let d_out = y.dims()[1];
         y.reshape([batch, seq, d_out])
+    }
+
+    /// `[rows, in]` -> `[rows, out]`.
+    pub fn forward_2d(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let y = x.matmul(self.weight.val().transpose());
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze::<2>(),
+            None => y,
+        }
     }
 }

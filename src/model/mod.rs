@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod cache;
 pub mod checkpoint;
+pub mod chunk;
 pub mod config;
 pub mod decoder;
 pub mod generate;
@@ -42,7 +43,7 @@ impl<B: Backend> Pretrained<B> {
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let ck = Checkpoint::open(dir)?;
         let lm = CausalLm::load(&ck, &config, device)?;
-        let rope = Rope::new(config.head_dim, config.rope_theta, 512, device);
+        let rope = Rope::new(config.head_dim, config.rope_theta, device);
         Ok(Self { lm, rope, config, tokenizer })
     }
 }

@@ -1,66 +1,73 @@
-//! Rotary position embedding, rotate-half layout (transformers' `rotate_half`). The cos/sin tables
-//! are computed once and shared by every layer; they grow on demand.
+//! Rotary position embedding, rotate-half layout (transformers' `rotate_half`).
+//!
+//! [`Rope`] holds the cos/sin tables; once per forward pass [`Rope::at`] cuts them to the
+//! positions being run and tiles them over the heads, and every layer shares that [`RopeAt`].
+//! Everything runs on 2-D `[rows, cols]` views, which CPU backends handle without strided loops.
 
-use burn::tensor::{backend::Backend, Tensor};
-use std::sync::RwLock;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 pub struct Rope<B: Backend> {
     head_dim: usize,
-    theta: f64,
-    /// `(cos, sin)`, each `[positions, head_dim]`.
-    tables: RwLock<(Tensor<B, 2>, Tensor<B, 2>)>,
-    device: B::Device,
+    /// `inv_freq[i] = 1 / theta^(2i / head_dim)`, as transformers computes it in f32.
+    inv_freq: Vec<f32>,
+    /// `rotate_half` as a `[head_dim, head_dim]` signed permutation: `x @ rot = [-x2, x1]`.
+    rot: Tensor<B, 2>,
+}
+
+/// Tables for one run of positions `start..start+seq`, each `[1, seq * heads * head_dim]`.
+pub struct RopeAt<B: Backend> {
+    pub q: (Tensor<B, 2>, Tensor<B, 2>),
+    pub k: (Tensor<B, 2>, Tensor<B, 2>),
 }
 
 impl<B: Backend> Rope<B> {
-    pub fn new(head_dim: usize, theta: f64, positions: usize, device: &B::Device) -> Self {
-        let tables = Self::tables(head_dim, theta, positions, device);
-        Self { head_dim, theta, tables: RwLock::new(tables), device: device.clone() }
-    }
-
-    fn tables(head_dim: usize, theta: f64, positions: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        // inv_freq in f32 as transformers computes it, angles in f64 to keep long positions exact.
+    pub fn new(head_dim: usize, theta: f64, device: &B::Device) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
+        let inv_freq = (0..half)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
             .collect();
-        let mut cos = Vec::with_capacity(positions * head_dim);
-        let mut sin = Vec::with_capacity(positions * head_dim);
-        for p in 0..positions {
+        let mut rot = vec![0.0f32; head_dim * head_dim];
+        for i in 0..half {
+            rot[(i + half) * head_dim + i] = -1.0; // out[i] = -x[i + half]
+            rot[i * head_dim + i + half] = 1.0; // out[i + half] = x[i]
+        }
+        let rot = Tensor::from_data(TensorData::new(rot, [head_dim, head_dim]), device);
+        Self { head_dim, inv_freq, rot }
+    }
+
+    /// cos/sin for positions `start..start+seq`, tiled for `q_heads` and `kv_heads`.
+    pub fn at(&self, start: usize, seq: usize, q_heads: usize, kv_heads: usize, device: &B::Device) -> RopeAt<B> {
+        let d = self.head_dim;
+        let mut cos = Vec::with_capacity(seq * d);
+        let mut sin = Vec::with_capacity(seq * d);
+        for p in start..start + seq {
             for _half in 0..2 {
-                for f in &inv_freq {
+                for f in &self.inv_freq {
+                    // The angle is rounded to f32 as transformers' f32 matmul does.
                     let angle = (p as f32 * f) as f64;
                     cos.push(angle.cos() as f32);
                     sin.push(angle.sin() as f32);
                 }
             }
         }
-        let make = |v: Vec<f32>| Tensor::<B, 1>::from_floats(v.as_slice(), device).reshape([positions, head_dim]);
-        (make(cos), make(sin))
-    }
-
-    /// Rotates `x` of shape `[batch, heads, seq, head_dim]` whose first token sits at `start`.
-    pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
-        let seq = x.dims()[2];
-        self.ensure(start + seq);
-        let (cos, sin) = {
-            let t = self.tables.read().expect("rope tables");
-            (t.0.clone().slice(start..start + seq), t.1.clone().slice(start..start + seq))
+        let tile = |table: &[f32], heads: usize| -> Tensor<B, 2> {
+            let mut out = Vec::with_capacity(seq * heads * d);
+            for row in table.chunks_exact(d) {
+                for _ in 0..heads {
+                    out.extend_from_slice(row);
+                }
+            }
+            Tensor::from_data(TensorData::new(out, [1, seq * heads * d]), device)
         };
-        let cos = cos.unsqueeze::<4>();
-        let sin = sin.unsqueeze::<4>();
-        let half = self.head_dim / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
+        RopeAt { q: (tile(&cos, q_heads), tile(&sin, q_heads)), k: (tile(&cos, kv_heads), tile(&sin, kv_heads)) }
     }
 
-    fn ensure(&self, positions: usize) {
-        if self.tables.read().expect("rope tables").0.dims()[0] >= positions {
-            return;
-        }
-        let grown = Self::tables(self.head_dim, self.theta, positions.next_power_of_two(), &self.device);
-        *self.tables.write().expect("rope tables") = grown;
+    /// Rotates `x` of shape `[batch, seq, heads, head_dim]` with `(cos, sin)` from [`Rope::at`].
+    pub fn apply(&self, x: Tensor<B, 4>, table: &(Tensor<B, 2>, Tensor<B, 2>)) -> Tensor<B, 4> {
+        let dims = x.dims();
+        let [b, s, h, d] = dims;
+        let rotated = x.clone().reshape([b * s * h, d]).matmul(self.rot.clone()).reshape([b, s * h * d]);
+        let x = x.reshape([b, s * h * d]);
+        (x * table.0.clone() + rotated * table.1.clone()).reshape(dims)
     }
 }

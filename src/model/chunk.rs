@@ -1,0 +1,28 @@
+//! Logits are `[rows, vocab]`; with Qwen3's 151,936-entry vocabulary a few thousand rows are
+//! gigabytes. Every consumer of logits (perplexity, log-likelihoods, distillation losses) runs
+//! the lm_head over row chunks of at most [`CHUNK_ELEMENTS`] logits instead.
+
+use std::ops::Range;
+
+/// Logit elements per chunk: 4M f32 = 16 MiB, small enough for the allocator to reuse.
+pub const CHUNK_ELEMENTS: usize = 4 << 20;
+
+/// Row ranges covering `0..rows`, each holding at most [`CHUNK_ELEMENTS`] logits of `vocab`.
+pub fn row_chunks(rows: usize, vocab: usize) -> impl Iterator<Item = Range<usize>> {
+    let step = (CHUNK_ELEMENTS / vocab.max(1)).max(1);
+    (0..rows).step_by(step).map(move |s| s..(s + step).min(rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_rows_exactly_once() {
+        let chunks: Vec<_> = row_chunks(1000, 151_936).collect();
+        assert_eq!(chunks.first().unwrap().start, 0);
+        assert_eq!(chunks.last().unwrap().end, 1000);
+        assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
+        assert!(chunks.iter().all(|r| r.len() * 151_936 <= CHUNK_ELEMENTS));
+    }
+}
