@@ -1,8 +1,10 @@
 //! The decoder against transformers' goldens on the bundled tiny Qwen3.
 
 mod common;
+use burn::tensor::{Bool, Tensor, TensorData};
 use common::*;
-use laco_train::model::Pretrained;
+use laco_train::model::generate::{generate, Sampling};
+use laco_train::model::{KvCache, Pretrained};
 
 #[test]
 fn logits_and_hidden_states_match_transformers() {
@@ -20,4 +22,103 @@ fn logits_and_hidden_states_match_transformers() {
     assert!(d <= 1e-4, "final_hidden: max abs diff {d}");
     let d = max_abs_diff(&to_vec(pre.lm.logits(hidden)), &g.f32("logits").0);
     assert!(d <= 1e-4, "logits: max abs diff {d}");
+}
+
+#[test]
+fn right_padded_batch_matches_at_unmasked_positions() {
+    let pre = Pretrained::<B>::load(&fixture("tiny-qwen3"), &device()).unwrap();
+    let g = Golden::open("golden/forward_padded.safetensors");
+    let (mask, shape) = g.i64("attention_mask");
+    let padding: Vec<bool> = mask.iter().map(|&m| m == 0).collect();
+    assert!(padding.iter().any(|&p| p), "the golden batch is padded");
+    let padding =
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(padding, [shape[0], shape[1]]), &device());
+    let logits = to_vec(
+        pre.lm
+            .forward(g.ids("input_ids"), &pre.rope, Some(&padding), None),
+    );
+    let (golden, gshape) = g.f32("logits");
+    let vocab = gshape[2];
+    let mut worst = 0.0f32;
+    for (pos, &m) in mask.iter().enumerate() {
+        if m == 1 {
+            let row = pos * vocab..(pos + 1) * vocab;
+            worst = worst.max(max_abs_diff(&logits[row.clone()], &golden[row]));
+        }
+    }
+    assert!(worst <= 1e-4, "padded logits: max abs diff {worst}");
+}
+
+#[test]
+fn bf16_sharded_checkpoint_matches_transformers() {
+    let pre = Pretrained::<B>::load(&fixture("tiny-qwen3-bf16-sharded"), &device()).unwrap();
+    let g = Golden::open("golden/forward_bf16_sharded.safetensors");
+    let logits = to_vec(pre.lm.forward(g.ids("input_ids"), &pre.rope, None, None));
+    let d = max_abs_diff(&logits, &g.f32("logits").0);
+    assert!(d <= 1e-4, "bf16 sharded logits: max abs diff {d}");
+}
+
+#[test]
+fn greedy_generation_matches_transformers_exactly() {
+    let pre = Pretrained::<B>::load(&fixture("tiny-qwen3"), &device()).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("golden/generate.json")).unwrap())
+            .unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        golden[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let prompt = pre
+        .tokenizer
+        .encode(golden["prompt"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(prompt, ids("prompt_ids"));
+    let greedy = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    let max_new = golden["max_new_tokens"].as_u64().unwrap() as usize;
+    let new = generate(&pre, &prompt, max_new, &greedy, None, |_| Ok(())).unwrap();
+    assert_eq!(new, ids("greedy_new_ids"));
+    assert_eq!(
+        pre.tokenizer.decode(&new).unwrap(),
+        golden["greedy_text"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward() {
+    // Logits of the last token after a cached prefix equal those of one uncached pass.
+    let pre = Pretrained::<B>::load(&fixture("tiny-qwen3"), &device()).unwrap();
+    let g = Golden::open("golden/forward.safetensors");
+    let ids = g.ids("input_ids").narrow(0, 0, 1);
+    let full = to_vec(
+        pre.lm
+            .forward(ids.clone(), &pre.rope, None, None)
+            .narrow(1, 23, 1),
+    );
+    let mut cache = KvCache::new(pre.lm.num_layers());
+    pre.lm.forward(
+        ids.clone().narrow(1, 0, 20),
+        &pre.rope,
+        None,
+        Some(&mut cache),
+    );
+    pre.lm.forward(
+        ids.clone().narrow(1, 20, 3),
+        &pre.rope,
+        None,
+        Some(&mut cache),
+    );
+    let last = to_vec(
+        pre.lm
+            .forward(ids.narrow(1, 23, 1), &pre.rope, None, Some(&mut cache)),
+    );
+    let d = max_abs_diff(&full, &last);
+    assert!(d <= 1e-4, "cached vs full: max abs diff {d}");
 }

@@ -46,8 +46,16 @@ impl Job for GenerateArgs {
         if prompt.is_empty() {
             bail!("--prompt: encodes to no tokens");
         }
-        let sampling = Sampling { temperature: self.temperature, top_p: self.top_p, seed: self.seed };
-        let eos = if self.stop_at_eos { pre.tokenizer.eos_id() } else { None };
+        let sampling = Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        let eos = if self.stop_at_eos {
+            pre.tokenizer.eos_id()
+        } else {
+            None
+        };
         let mut printed = String::new();
         let mut new_ids = Vec::new();
         let stream = !self.common.json;
@@ -57,7 +65,10 @@ impl Job for GenerateArgs {
                 // Decode everything so far and print only the new suffix: byte-level tokens can
                 // complete a character only together.
                 let text = pre.tokenizer.decode(&new_ids)?;
-                if text.len() > printed.len() && text.starts_with(&printed) && !text.ends_with('\u{FFFD}') {
+                if text.len() > printed.len()
+                    && text.starts_with(&printed)
+                    && !text.ends_with('\u{FFFD}')
+                {
                     print!("{}", &text[printed.len()..]);
                     std::io::stdout().flush()?;
                     printed = text;

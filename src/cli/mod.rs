@@ -48,7 +48,9 @@ pub struct Common {
 impl clap::builder::ValueParserFactory for DeviceChoice {
     type Parser = clap::builder::ValueParser;
     fn value_parser() -> Self::Parser {
-        clap::builder::ValueParser::new(|s: &str| s.parse::<DeviceChoice>().map_err(|e| e.to_string()))
+        clap::builder::ValueParser::new(|s: &str| {
+            s.parse::<DeviceChoice>().map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -66,16 +68,21 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// Prints the final JSON line of a `--json` run.
 pub fn print_json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string(value).expect("JSON values serialise"));
+    println!(
+        "{}",
+        serde_json::to_string(value).expect("JSON values serialise")
+    );
 }
 
 /// A progress bar on stderr with a message slot, hidden when stderr is not a terminal.
 pub fn progress_bar(label: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_prefix(label.to_string());
     bar

@@ -5,7 +5,8 @@ use anyhow::{Context, Result};
 use std::path::Path;
 
 pub fn read_text(path: &Path) -> Result<String> {
-    let raw = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read as UTF-8 text", path.display()))?;
+    let raw = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read as UTF-8 text", path.display()))?;
     Ok(universal_newlines(&raw))
 }
 

@@ -38,12 +38,23 @@ pub fn perplexity<B: Backend>(
     let mut i = 0;
     while i < windows.len() {
         let len = windows[i].len();
-        let group: Vec<&[u32]> = windows[i..].iter().take(batch).take_while(|w| w.len() == len).cloned().collect();
-        let flat: Vec<i32> = group.iter().flat_map(|w| w.iter().map(|&t| t as i32)).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [group.len(), len]), &device);
+        let group: Vec<&[u32]> = windows[i..]
+            .iter()
+            .take(batch)
+            .take_while(|w| w.len() == len)
+            .cloned()
+            .collect();
+        let flat: Vec<i32> = group
+            .iter()
+            .flat_map(|w| w.iter().map(|&t| t as i32))
+            .collect();
+        let ids =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [group.len(), len]), &device);
         let hidden = pre.lm.hidden(ids.clone(), &pre.rope, None, None, None);
         let rows = group.len() * (len - 1);
-        let hidden = hidden.narrow(1, 0, len - 1).reshape([rows, pre.config.hidden_size]);
+        let hidden = hidden
+            .narrow(1, 0, len - 1)
+            .reshape([rows, pre.config.hidden_size]);
         let targets = ids.narrow(1, 1, len - 1).reshape([rows]);
         for r in row_chunks(rows, pre.config.vocab_size) {
             let logits = pre.lm.logits_2d(hidden.clone().slice(r.clone()));
@@ -55,7 +66,11 @@ pub fn perplexity<B: Backend>(
         progress.inc(group.len() as u64);
     }
     let mean_nll = total_nll / count as f64;
-    Ok(Perplexity { ppl: mean_nll.exp(), mean_nll, predicted_tokens: count })
+    Ok(Perplexity {
+        ppl: mean_nll.exp(),
+        mean_nll,
+        predicted_tokens: count,
+    })
 }
 
 /// Next-token NLL per row: logits `[n, vocab]` against target ids `[n]`, in f32:

@@ -1,6 +1,13 @@
 //! Grouped-query self-attention with optional per-head q/k RMSNorm (Qwen3) and q/k/v bias (Qwen2).
 
-use super::{cache::KvCache, checkpoint::Checkpoint, config::{Family, ModelConfig}, linear::Linear, norm::RmsNorm, rope::{Rope, RopeAt}};
+use super::{
+    cache::KvCache,
+    checkpoint::Checkpoint,
+    config::{Family, ModelConfig},
+    linear::Linear,
+    norm::RmsNorm,
+    rope::{Rope, RopeAt},
+};
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{activation::softmax, backend::Backend, Tensor};
@@ -19,7 +26,12 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &ModelConfig, device: &B::Device) -> Result<Self> {
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        cfg: &ModelConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let q_out = cfg.num_attention_heads * d;
         let kv_out = cfg.num_key_value_heads * d;
@@ -27,13 +39,48 @@ impl<B: Backend> Attention<B> {
             if cfg.family != Family::Qwen3 {
                 return Ok(None);
             }
-            RmsNorm::load(ck, &format!("{prefix}.{name}.weight"), d, cfg.rms_norm_eps, device).map(Some)
+            RmsNorm::load(
+                ck,
+                &format!("{prefix}.{name}.weight"),
+                d,
+                cfg.rms_norm_eps,
+                device,
+            )
+            .map(Some)
         };
         Ok(Self {
-            q_proj: Linear::load(ck, &format!("{prefix}.q_proj"), h, q_out, cfg.qkv_bias, device)?,
-            k_proj: Linear::load(ck, &format!("{prefix}.k_proj"), h, kv_out, cfg.qkv_bias, device)?,
-            v_proj: Linear::load(ck, &format!("{prefix}.v_proj"), h, kv_out, cfg.qkv_bias, device)?,
-            o_proj: Linear::load(ck, &format!("{prefix}.o_proj"), q_out, h, cfg.o_bias, device)?,
+            q_proj: Linear::load(
+                ck,
+                &format!("{prefix}.q_proj"),
+                h,
+                q_out,
+                cfg.qkv_bias,
+                device,
+            )?,
+            k_proj: Linear::load(
+                ck,
+                &format!("{prefix}.k_proj"),
+                h,
+                kv_out,
+                cfg.qkv_bias,
+                device,
+            )?,
+            v_proj: Linear::load(
+                ck,
+                &format!("{prefix}.v_proj"),
+                h,
+                kv_out,
+                cfg.qkv_bias,
+                device,
+            )?,
+            o_proj: Linear::load(
+                ck,
+                &format!("{prefix}.o_proj"),
+                q_out,
+                h,
+                cfg.o_bias,
+                device,
+            )?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             num_heads: cfg.num_attention_heads,
@@ -81,7 +128,9 @@ impl<B: Backend> Attention<B> {
         let keys = k.dims()[2];
 
         // 4. Scores per KV group, without copying K: q (B, nkv, rep, L, D) x k^T (B, nkv, 1, D, T).
-        let q = q.reshape([batch, seq, nkv, rep, d]).permute([0, 2, 3, 1, 4]);
+        let q = q
+            .reshape([batch, seq, nkv, rep, d])
+            .permute([0, 2, 3, 1, 4]);
         let scores = q.matmul(k.unsqueeze_dim::<5>(2).swap_dims(3, 4));
 
         // 5. Mask (causal and padding, additive) and softmax over keys.
@@ -93,9 +142,13 @@ impl<B: Backend> Attention<B> {
         let probs = softmax(scores.reshape([batch * nh * seq, keys]), 1);
 
         // 6. probs (B, nkv, rep, L, T) x v (B, nkv, 1, T, D) -> (B, L, H*D) -> o_proj.
-        let out = probs.reshape([batch, nkv, rep, seq, keys]).matmul(v.unsqueeze_dim::<5>(2));
-        let out = out.reshape([batch, nh, seq, d]).swap_dims(1, 2).reshape([batch, seq, nh * d]);
+        let out = probs
+            .reshape([batch, nkv, rep, seq, keys])
+            .matmul(v.unsqueeze_dim::<5>(2));
+        let out = out
+            .reshape([batch, nh, seq, d])
+            .swap_dims(1, 2)
+            .reshape([batch, seq, nh * d]);
         self.o_proj.forward(out)
     }
 }
-

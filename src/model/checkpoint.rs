@@ -49,7 +49,10 @@ impl Checkpoint {
             let mut files: BTreeMap<String, usize> = BTreeMap::new();
             for (name, file) in map {
                 let file = file.as_str().ok_or_else(|| {
-                    anyhow!("{}: weight_map[\"{name}\"] is not a file name", index_path.display())
+                    anyhow!(
+                        "{}: weight_map[\"{name}\"] is not a file name",
+                        index_path.display()
+                    )
                 })?;
                 let next = files.len();
                 let shard = *files.entry(file.to_string()).or_insert(next);
@@ -60,7 +63,10 @@ impl Checkpoint {
             for (file, _) in ordered {
                 let path = dir.join(file);
                 if !path.exists() {
-                    bail!("{}: shard {file} named in weight_map is missing", index_path.display());
+                    bail!(
+                        "{}: shard {file} named in weight_map is missing",
+                        index_path.display()
+                    );
                 }
                 shards.push(Shard::open(&path)?);
             }
@@ -85,7 +91,11 @@ impl Checkpoint {
                 dir.display()
             );
         }
-        Ok(Self { shards, location, taken: RefCell::new(BTreeSet::new()) })
+        Ok(Self {
+            shards,
+            location,
+            taken: RefCell::new(BTreeSet::new()),
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -119,7 +129,10 @@ impl Checkpoint {
 
     fn data(&self, name: &str, shape: &[usize]) -> Result<TensorData> {
         let Some(&i) = self.location.get(name) else {
-            bail!("{}: tensor {name} is missing (expected shape {shape:?})", self.describe());
+            bail!(
+                "{}: tensor {name} is missing (expected shape {shape:?})",
+                self.describe()
+            );
         };
         let shard = &self.shards[i];
         let info = shard.meta.info(name).expect("located tensors exist");
@@ -169,7 +182,16 @@ impl Checkpoint {
     fn describe(&self) -> String {
         match self.shards.as_slice() {
             [one] => one.path.display().to_string(),
-            many => format!("{} (sharded, {} files)", many[0].path.parent().unwrap_or(Path::new(".")).join(INDEX_FILE).display(), many.len()),
+            many => format!(
+                "{} (sharded, {} files)",
+                many[0]
+                    .path
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(INDEX_FILE)
+                    .display(),
+                many.len()
+            ),
         }
     }
 }
@@ -182,8 +204,16 @@ impl Shard {
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("{}: cannot memory-map", path.display()))?;
         let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-            anyhow!("{}: not a valid safetensors file ({e:?}); truncated or another format?", path.display())
+            anyhow!(
+                "{}: not a valid safetensors file ({e:?}); truncated or another format?",
+                path.display()
+            )
         })?;
-        Ok(Self { path: path.to_path_buf(), map, header_len, meta })
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            header_len,
+            meta,
+        })
     }
 }

@@ -10,7 +10,9 @@ pub const CHUNK_ELEMENTS: usize = 4 << 20;
 /// Row ranges covering `0..rows`, each holding at most [`CHUNK_ELEMENTS`] logits of `vocab`.
 pub fn row_chunks(rows: usize, vocab: usize) -> impl Iterator<Item = Range<usize>> {
     let step = (CHUNK_ELEMENTS / vocab.max(1)).max(1);
-    (0..rows).step_by(step).map(move |s| s..(s + step).min(rows))
+    (0..rows)
+        .step_by(step)
+        .map(move |s| s..(s + step).min(rows))
 }
 
 #[cfg(test)]

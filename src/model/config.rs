@@ -94,7 +94,10 @@ impl HfConfig {
                 bail!("{p}: hidden_act \"{act}\" is not supported (expected silu)");
             }
         }
-        let rope_type = self.rope_parameters.as_ref().and_then(|r| r.rope_type.clone());
+        let rope_type = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.clone());
         let scaled = self.rope_scaling.as_ref().is_some_and(|v| !v.is_null());
         if scaled || rope_type.as_deref().is_some_and(|t| t != "default") {
             bail!("{p}: rope scaling is not supported (only rope_type \"default\")");
@@ -107,12 +110,12 @@ impl HfConfig {
             .unwrap_or(10_000.0);
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             bail!("{p}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}");
         }
         let head_dim = match self.head_dim {
             Some(d) => d,
-            None if self.hidden_size % heads == 0 => self.hidden_size / heads,
+            None if self.hidden_size.is_multiple_of(heads) => self.hidden_size / heads,
             None => bail!("{p}: head_dim is missing and hidden_size is not divisible by heads"),
         };
         let attention_bias = self.attention_bias.unwrap_or(false);
@@ -142,5 +145,80 @@ impl ModelConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         HfConfig::from_file(&path)?.into_config(&path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig> {
+        let cfg: HfConfig = serde_json::from_str(json).unwrap();
+        cfg.into_config(Path::new("config.json"))
+    }
+
+    /// Qwen3-8B-Base's own config.json (transformers 4 style: top-level rope_theta, torch_dtype).
+    const QWEN3_8B_BASE: &str = r#"{"architectures":["Qwen3ForCausalLM"],"attention_bias":false,
+        "attention_dropout":0.0,"bos_token_id":151643,"eos_token_id":151643,"head_dim":128,
+        "hidden_act":"silu","hidden_size":4096,"initializer_range":0.02,"intermediate_size":12288,
+        "max_position_embeddings":32768,"max_window_layers":36,"model_type":"qwen3",
+        "num_attention_heads":32,"num_hidden_layers":36,"num_key_value_heads":8,"rms_norm_eps":1e-06,
+        "rope_scaling":null,"rope_theta":1000000,"sliding_window":null,"tie_word_embeddings":false,
+        "torch_dtype":"bfloat16","transformers_version":"4.51.0","use_cache":true,
+        "use_sliding_window":false,"vocab_size":151936}"#;
+
+    #[test]
+    fn reads_qwen3_8b_base_config() {
+        let c = parse(QWEN3_8B_BASE).unwrap();
+        assert_eq!(c.family, Family::Qwen3);
+        assert_eq!(
+            (c.num_hidden_layers, c.head_dim, c.num_key_value_heads),
+            (36, 128, 8)
+        );
+        assert_eq!(c.rope_theta, 1e6);
+        assert_eq!(c.vocab_size, 151_936);
+        assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
+        assert!(!c.qkv_bias && !c.o_bias && !c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn reads_transformers5_rope_parameters_and_dtype() {
+        let json = QWEN3_8B_BASE
+            .replace(
+                r#""rope_theta":1000000,"#,
+                r#""rope_parameters":{"rope_theta":5000.0,"rope_type":"default"},"#,
+            )
+            .replace("torch_dtype", "dtype");
+        let c = parse(&json).unwrap();
+        assert_eq!(c.rope_theta, 5000.0);
+        assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_llama_defaults_head_dim() {
+        let q2 =
+            parse(&QWEN3_8B_BASE.replace(r#""model_type":"qwen3""#, r#""model_type":"qwen2""#))
+                .unwrap();
+        assert!(q2.qkv_bias && !q2.o_bias);
+        let llama = parse(r#"{"model_type":"llama","vocab_size":10,"hidden_size":64,"intermediate_size":96,
+            "num_hidden_layers":2,"num_attention_heads":4,"rms_norm_eps":1e-5,"tie_word_embeddings":true}"#)
+        .unwrap();
+        assert_eq!(
+            (llama.head_dim, llama.num_key_value_heads, llama.rope_theta),
+            (16, 4, 10_000.0)
+        );
+    }
+
+    #[test]
+    fn unsupported_settings_name_the_field() {
+        let e = parse(&QWEN3_8B_BASE.replace(r#""model_type":"qwen3""#, r#""model_type":"gpt2""#))
+            .unwrap_err();
+        assert!(e.to_string().contains("config.json: model_type \"gpt2\""));
+        let e = parse(&QWEN3_8B_BASE.replace(
+            r#""rope_scaling":null"#,
+            r#""rope_scaling":{"type":"yarn"}"#,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("rope scaling"));
     }
 }

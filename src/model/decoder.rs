@@ -2,7 +2,16 @@
 //! `model.embed_tokens`, `model.layers.N.{input_layernorm,self_attn,post_attention_layernorm,mlp}`,
 //! `model.norm`, `lm_head`.
 
-use super::{attention::Attention, cache::KvCache, checkpoint::Checkpoint, config::ModelConfig, linear::Linear, mlp::Mlp, norm::RmsNorm, rope::{Rope, RopeAt}};
+use super::{
+    attention::Attention,
+    cache::KvCache,
+    checkpoint::Checkpoint,
+    config::ModelConfig,
+    linear::Linear,
+    mlp::Mlp,
+    norm::RmsNorm,
+    rope::{Rope, RopeAt},
+};
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, module::embedding, Bool, Int, Tensor, TensorData};
@@ -20,9 +29,21 @@ impl<B: Backend> DecoderLayer<B> {
         let p = format!("model.layers.{i}");
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
-            input_layernorm: RmsNorm::load(ck, &format!("{p}.input_layernorm.weight"), h, eps, device)?,
+            input_layernorm: RmsNorm::load(
+                ck,
+                &format!("{p}.input_layernorm.weight"),
+                h,
+                eps,
+                device,
+            )?,
             self_attn: Attention::load(ck, &format!("{p}.self_attn"), cfg, device)?,
-            post_attention_layernorm: RmsNorm::load(ck, &format!("{p}.post_attention_layernorm.weight"), h, eps, device)?,
+            post_attention_layernorm: RmsNorm::load(
+                ck,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                eps,
+                device,
+            )?,
             mlp: Mlp::load(ck, &format!("{p}.mlp"), cfg, device)?,
         })
     }
@@ -35,7 +56,10 @@ impl<B: Backend> DecoderLayer<B> {
         mask: Option<&Tensor<B, 2>>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, pos, mask, cache);
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, pos, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -61,7 +85,8 @@ impl<B: Backend> CausalLm<B> {
     /// misshapen or left-over tensor.
     pub fn load(ck: &Checkpoint, cfg: &ModelConfig, device: &B::Device) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed_tokens = Param::from_tensor(ck.tensor("model.embed_tokens.weight", [v, h], device)?);
+        let embed_tokens =
+            Param::from_tensor(ck.tensor("model.embed_tokens.weight", [v, h], device)?);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(ck, i, cfg, device))
             .collect::<Result<Vec<_>>>()?;
@@ -72,8 +97,17 @@ impl<B: Backend> CausalLm<B> {
             Some(Linear::load(ck, "lm_head", h, v, false, device)?)
         };
         let tied = cfg.tie_word_embeddings;
-        ck.finish(|name| name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight"))?;
-        Ok(Self { model: Model { embed_tokens, layers, norm }, lm_head })
+        ck.finish(|name| {
+            name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
+        })?;
+        Ok(Self {
+            model: Model {
+                embed_tokens,
+                layers,
+                norm,
+            },
+            lm_head,
+        })
     }
 
     /// Runs the decoder and returns the final normed hidden states `[batch, seq, hidden]`.
@@ -152,14 +186,27 @@ fn attention_mask<B: Backend>(
 ) -> Option<Tensor<B, 2>> {
     let keys = start + seq;
     let causal: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..keys).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..keys).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     let causal = Tensor::<B, 2>::from_data(TensorData::new(causal, [seq, keys]), device);
     let Some(padding) = key_padding else {
         return (seq > 1).then(|| causal.reshape([1, seq * keys]));
     };
     let batch = padding.dims()[0];
-    let pad = Tensor::<B, 2>::zeros([batch, keys], device).mask_fill(padding.clone(), f32::NEG_INFINITY);
+    let pad =
+        Tensor::<B, 2>::zeros([batch, keys], device).mask_fill(padding.clone(), f32::NEG_INFINITY);
     let full = pad.reshape([batch, 1, keys]) + causal.unsqueeze::<3>();
-    Some(full.unsqueeze_dim::<4>(1).repeat_dim(1, heads).reshape([batch * heads, seq * keys]))
+    Some(
+        full.unsqueeze_dim::<4>(1)
+            .repeat_dim(1, heads)
+            .reshape([batch * heads, seq * keys]),
+    )
 }

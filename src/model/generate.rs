@@ -30,7 +30,10 @@ pub fn generate<B: Backend>(
     let mut step: Vec<u32> = prompt.to_vec();
     for _ in 0..max_new {
         let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(step.iter().map(|&t| t as i32).collect::<Vec<_>>(), [1, step.len()]),
+            TensorData::new(
+                step.iter().map(|&t| t as i32).collect::<Vec<_>>(),
+                [1, step.len()],
+            ),
             &device,
         );
         let hidden = pre.lm.hidden(ids, &pre.rope, None, Some(&mut cache), None);

@@ -23,13 +23,24 @@ impl<B: Backend> Linear<B> {
         bias: bool,
         device: &B::Device,
     ) -> Result<Self> {
-        let weight = ck.tensor(&format!("{prefix}.weight"), [out_features, in_features], device)?;
+        let weight = ck.tensor(
+            &format!("{prefix}.weight"),
+            [out_features, in_features],
+            device,
+        )?;
         let bias = if bias {
-            Some(Param::from_tensor(ck.tensor(&format!("{prefix}.bias"), [out_features], device)?))
+            Some(Param::from_tensor(ck.tensor(
+                &format!("{prefix}.bias"),
+                [out_features],
+                device,
+            )?))
         } else {
             None
         };
-        Ok(Self { weight: Param::from_tensor(weight), bias })
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
     }
 
     /// # Shapes

@@ -13,7 +13,12 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &ModelConfig, device: &B::Device) -> Result<Self> {
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        cfg: &ModelConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             gate_proj: Linear::load(ck, &format!("{prefix}.gate_proj"), h, i, false, device)?,
@@ -24,6 +29,7 @@ impl<B: Backend> Mlp<B> {
 
     /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
     }
 }

@@ -44,6 +44,11 @@ impl<B: Backend> Pretrained<B> {
         let ck = Checkpoint::open(dir)?;
         let lm = CausalLm::load(&ck, &config, device)?;
         let rope = Rope::new(config.head_dim, config.rope_theta, device);
-        Ok(Self { lm, rope, config, tokenizer })
+        Ok(Self {
+            lm,
+            rope,
+            config,
+            tokenizer,
+        })
     }
 }

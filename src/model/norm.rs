@@ -13,8 +13,17 @@ pub struct RmsNorm<B: Backend> {
 }
 
 impl<B: Backend> RmsNorm<B> {
-    pub fn load(ck: &Checkpoint, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self> {
-        Ok(Self { weight: Param::from_tensor(ck.tensor(name, [dim], device)?), eps })
+    pub fn load(
+        ck: &Checkpoint,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: Param::from_tensor(ck.tensor(name, [dim], device)?),
+            eps,
+        })
     }
 
     /// Normalises the last dimension of a tensor of any rank (computed on a 2-D view).
@@ -23,8 +32,18 @@ impl<B: Backend> RmsNorm<B> {
         let dim = dims[D - 1];
         let x = x.reshape([dims.iter().product::<usize>() / dim, dim]);
         let dtype = x.dtype();
-        let x32 = if dtype == DType::F32 { x } else { x.cast(DType::F32) };
-        let inv_rms = x32.clone().powi_scalar(2).mean_dim(1).add_scalar(self.eps).sqrt().recip();
+        let x32 = if dtype == DType::F32 {
+            x
+        } else {
+            x.cast(DType::F32)
+        };
+        let inv_rms = x32
+            .clone()
+            .powi_scalar(2)
+            .mean_dim(1)
+            .add_scalar(self.eps)
+            .sqrt()
+            .recip();
         let normed = (x32 * inv_rms).cast(dtype);
         (normed * self.weight.val().unsqueeze::<2>()).reshape(dims)
     }

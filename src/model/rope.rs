@@ -32,11 +32,22 @@ impl<B: Backend> Rope<B> {
             rot[i * head_dim + i + half] = 1.0; // out[i + half] = x[i]
         }
         let rot = Tensor::from_data(TensorData::new(rot, [head_dim, head_dim]), device);
-        Self { head_dim, inv_freq, rot }
+        Self {
+            head_dim,
+            inv_freq,
+            rot,
+        }
     }
 
     /// cos/sin for positions `start..start+seq`, tiled for `q_heads` and `kv_heads`.
-    pub fn at(&self, start: usize, seq: usize, q_heads: usize, kv_heads: usize, device: &B::Device) -> RopeAt<B> {
+    pub fn at(
+        &self,
+        start: usize,
+        seq: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        device: &B::Device,
+    ) -> RopeAt<B> {
         let d = self.head_dim;
         let mut cos = Vec::with_capacity(seq * d);
         let mut sin = Vec::with_capacity(seq * d);
@@ -59,14 +70,21 @@ impl<B: Backend> Rope<B> {
             }
             Tensor::from_data(TensorData::new(out, [1, seq * heads * d]), device)
         };
-        RopeAt { q: (tile(&cos, q_heads), tile(&sin, q_heads)), k: (tile(&cos, kv_heads), tile(&sin, kv_heads)) }
+        RopeAt {
+            q: (tile(&cos, q_heads), tile(&sin, q_heads)),
+            k: (tile(&cos, kv_heads), tile(&sin, kv_heads)),
+        }
     }
 
     /// Rotates `x` of shape `[batch, seq, heads, head_dim]` with `(cos, sin)` from [`Rope::at`].
     pub fn apply(&self, x: Tensor<B, 4>, table: &(Tensor<B, 2>, Tensor<B, 2>)) -> Tensor<B, 4> {
         let dims = x.dims();
         let [b, s, h, d] = dims;
-        let rotated = x.clone().reshape([b * s * h, d]).matmul(self.rot.clone()).reshape([b, s * h * d]);
+        let rotated = x
+            .clone()
+            .reshape([b * s * h, d])
+            .matmul(self.rot.clone())
+            .reshape([b, s * h * d]);
         let x = x.reshape([b, s * h * d]);
         (x * table.0.clone() + rotated * table.1.clone()).reshape(dims)
     }

@@ -12,18 +12,24 @@ impl Tokenizer {
         if !path.exists() {
             return Err(anyhow!("{}: not found", path.display()));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         Ok(Self { inner })
     }
 
     /// Ids of `text` without special tokens (transformers' `add_special_tokens=False`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizer: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("tokenizer: {e}"))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
     /// Number of tokens the tokenizer defines, added tokens included.
@@ -37,6 +43,8 @@ impl Tokenizer {
 
     /// The end-of-text id: `<|endoftext|>`, `</s>` or `<|end_of_text|>`, whichever exists.
     pub fn eos_id(&self) -> Option<u32> {
-        ["<|endoftext|>", "</s>", "<|end_of_text|>"].iter().find_map(|t| self.token_id(t))
+        ["<|endoftext|>", "</s>", "<|end_of_text|>"]
+            .iter()
+            .find_map(|t| self.token_id(t))
     }
 }

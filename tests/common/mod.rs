@@ -1,14 +1,16 @@
 //! Shared test helpers: golden files, the bundled fixtures, tolerances.
 #![allow(dead_code)]
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
 
 pub type B = laco_train::device::Cpu;
 
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 pub fn device() -> burn::tensor::Device<B> {
@@ -22,22 +24,36 @@ pub struct Golden {
 
 impl Golden {
     pub fn open(rel: &str) -> Self {
-        Self { bytes: std::fs::read(fixture(rel)).expect("golden file") }
+        Self {
+            bytes: std::fs::read(fixture(rel)).expect("golden file"),
+        }
     }
 
     pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("golden tensor {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("golden tensor {name}"));
         assert_eq!(t.dtype(), Dtype::F32);
-        let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         (v, t.shape().to_vec())
     }
 
     pub fn i64(&self, name: &str) -> (Vec<i64>, Vec<usize>) {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("golden tensor {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("golden tensor {name}"));
         assert_eq!(t.dtype(), Dtype::I64);
-        let v = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         (v, t.shape().to_vec())
     }
 
@@ -55,5 +71,8 @@ pub fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 /// Largest absolute difference; panics on length mismatch.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
