@@ -6,3 +6,4 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod model;
+pub mod prune;

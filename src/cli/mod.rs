@@ -2,6 +2,7 @@
 
 mod eval;
 mod generate;
+mod prune;
 
 use crate::device::{DeviceChoice, Precision};
 use anyhow::Result;
@@ -29,6 +30,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Evaluate a model (perplexity on a text file).
     Eval(eval::EvalArgs),
+    /// Prune a model by LaCo layer collapse into a new Hugging Face directory.
+    Prune(prune::PruneArgs),
 }
 
 /// Options every command takes.
@@ -63,6 +66,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Prune(args) => prune::run(args),
     }
 }
 

@@ -7,6 +7,7 @@ use super::{
     linear::Linear,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
+    save::Weight,
 };
 use anyhow::Result;
 use burn::module::Module;
@@ -150,5 +151,21 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2)
             .reshape([batch, seq, nh * d]);
         self.o_proj.forward(out)
+    }
+
+    pub fn weights(&self, prefix: &str, out: &mut Vec<(String, Weight<B>)>) {
+        for (name, proj) in [
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("o_proj", &self.o_proj),
+        ] {
+            proj.weights(&format!("{prefix}.{name}"), out);
+        }
+        for (name, norm) in [("q_norm", &self.q_norm), ("k_norm", &self.k_norm)] {
+            if let Some(n) = norm {
+                n.weights(&format!("{prefix}.{name}.weight"), out);
+            }
+        }
     }
 }

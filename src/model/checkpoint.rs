@@ -98,6 +98,11 @@ impl Checkpoint {
         })
     }
 
+    /// Number of safetensors files (1 for `model.safetensors`).
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.location.contains_key(name)
     }

@@ -11,6 +11,7 @@ use super::{
     mlp::Mlp,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
+    save::Weight,
 };
 use anyhow::Result;
 use burn::module::{Module, Param};
@@ -46,6 +47,17 @@ impl<B: Backend> DecoderLayer<B> {
             )?,
             mlp: Mlp::load(ck, &format!("{p}.mlp"), cfg, device)?,
         })
+    }
+
+    /// Every weight of layer `i` under its Hugging Face name.
+    pub fn weights(&self, i: usize, out: &mut Vec<(String, Weight<B>)>) {
+        let p = format!("model.layers.{i}");
+        self.input_layernorm
+            .weights(&format!("{p}.input_layernorm.weight"), out);
+        self.self_attn.weights(&format!("{p}.self_attn"), out);
+        self.post_attention_layernorm
+            .weights(&format!("{p}.post_attention_layernorm.weight"), out);
+        self.mlp.weights(&format!("{p}.mlp"), out);
     }
 
     pub fn forward(
@@ -166,6 +178,26 @@ impl<B: Backend> CausalLm<B> {
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         self.logits(self.hidden(ids, rope, key_padding, cache, None))
+    }
+
+    /// Every weight under its Hugging Face name, layers numbered as they stand now.
+    pub fn weights(&self) -> Vec<(String, Weight<B>)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            Weight::Matrix(self.model.embed_tokens.val()),
+        )];
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            layer.weights(i, &mut out);
+        }
+        self.model.norm.weights("model.norm.weight", &mut out);
+        if let Some(head) = &self.lm_head {
+            head.weights("lm_head", &mut out);
+        }
+        out
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.model.embed_tokens.dims()[1]
     }
 
     pub fn num_layers(&self) -> usize {

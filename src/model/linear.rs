@@ -1,6 +1,6 @@
 //! A projection stored as Hugging Face stores it: `weight` is `[out_features, in_features]`.
 
-use super::checkpoint::Checkpoint;
+use super::{checkpoint::Checkpoint, save::Weight};
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
@@ -58,6 +58,17 @@ impl<B: Backend> Linear<B> {
         match &self.bias {
             Some(b) => y + b.val().unsqueeze::<2>(),
             None => y,
+        }
+    }
+
+    /// `{prefix}.weight` (and `.bias`), for saving.
+    pub fn weights(&self, prefix: &str, out: &mut Vec<(String, Weight<B>)>) {
+        out.push((
+            format!("{prefix}.weight"),
+            Weight::Matrix(self.weight.val()),
+        ));
+        if let Some(b) = &self.bias {
+            out.push((format!("{prefix}.bias"), Weight::Vector(b.val())));
         }
     }
 }

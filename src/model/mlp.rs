@@ -1,6 +1,6 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 
-use super::{checkpoint::Checkpoint, config::ModelConfig, linear::Linear};
+use super::{checkpoint::Checkpoint, config::ModelConfig, linear::Linear, save::Weight};
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
@@ -31,5 +31,11 @@ impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.down_proj
             .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+
+    pub fn weights(&self, prefix: &str, out: &mut Vec<(String, Weight<B>)>) {
+        self.gate_proj.weights(&format!("{prefix}.gate_proj"), out);
+        self.up_proj.weights(&format!("{prefix}.up_proj"), out);
+        self.down_proj.weights(&format!("{prefix}.down_proj"), out);
     }
 }

@@ -11,6 +11,7 @@ pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+pub mod save;
 pub mod tokenizer;
 
 use anyhow::{bail, Result};
@@ -30,6 +31,15 @@ pub struct Pretrained<B: Backend> {
     pub rope: Rope<B>,
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
+    /// How the checkpoint stores its weights, so derived models are written the same way.
+    pub storage: Storage,
+}
+
+/// The source checkpoint's storage: dtype of its weights and number of safetensors files.
+#[derive(Debug, Clone, Copy)]
+pub struct Storage {
+    pub dtype: safetensors::Dtype,
+    pub shards: usize,
 }
 
 impl<B: Backend> Pretrained<B> {
@@ -44,11 +54,19 @@ impl<B: Backend> Pretrained<B> {
         let ck = Checkpoint::open(dir)?;
         let lm = CausalLm::load(&ck, &config, device)?;
         let rope = Rope::new(config.head_dim, config.rope_theta, device);
+        let dtype = ck
+            .dtype_of("model.embed_tokens.weight")
+            .unwrap_or(safetensors::Dtype::F32);
+        let storage = Storage {
+            dtype,
+            shards: ck.num_shards(),
+        };
         Ok(Self {
             lm,
             rope,
             config,
             tokenizer,
+            storage,
         })
     }
 }

@@ -1,6 +1,6 @@
 //! RMSNorm as transformers computes it: statistics in f32, then scaled by `weight`.
 
-use super::checkpoint::Checkpoint;
+use super::{checkpoint::Checkpoint, save::Weight};
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
@@ -46,5 +46,10 @@ impl<B: Backend> RmsNorm<B> {
             .recip();
         let normed = (x32 * inv_rms).cast(dtype);
         (normed * self.weight.val().unsqueeze::<2>()).reshape(dims)
+    }
+
+    /// `name`, for saving.
+    pub fn weights(&self, name: &str, out: &mut Vec<(String, Weight<B>)>) {
+        out.push((name.to_string(), Weight::Vector(self.weight.val())));
     }
 }

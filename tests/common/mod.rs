@@ -24,9 +24,21 @@ pub struct Golden {
 
 impl Golden {
     pub fn open(rel: &str) -> Self {
+        Self::open_path(&fixture(rel))
+    }
+
+    pub fn open_path(path: &std::path::Path) -> Self {
         Self {
-            bytes: std::fs::read(fixture(rel)).expect("golden file"),
+            bytes: std::fs::read(path).expect("safetensors file"),
         }
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let mut n: Vec<String> = st.names().into_iter().map(String::from).collect();
+        n.sort();
+        n
     }
 
     pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
