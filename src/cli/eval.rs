@@ -1,9 +1,8 @@
 //! `laco-train eval`: perplexity on a text file.
 
-use super::{model_dir, print_json, progress_bar, Common};
+use super::{print_json, progress_bar, Common, ModelArgs};
 use crate::device::{dispatch, Job};
 use crate::eval::ppl::perplexity;
-use crate::model::Pretrained;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
@@ -22,9 +21,8 @@ pub enum Task {
 pub struct EvalArgs {
     #[arg(long, value_enum)]
     pub task: Task,
-    /// Hugging Face model directory; default: the bundled tiny Qwen3.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Text file to measure (ppl).
     #[arg(long)]
     pub text: Option<PathBuf>,
@@ -44,7 +42,7 @@ pub struct EvalArgs {
 impl Job for EvalArgs {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let pre = Pretrained::<B>::load(&model_dir(&self.model), &device)?;
+        let pre = self.model.load::<B>(&device)?;
         let path = self.text.expect("checked in run");
         let text = crate::data::read_text(&path)?;
         let mut ids = pre.tokenizer.encode(&text)?;

@@ -1,21 +1,18 @@
 //! `laco-train generate`: text from a prompt, streamed to stdout.
 
-use super::{model_dir, print_json, Common};
+use super::{print_json, Common, ModelArgs};
 use crate::device::{dispatch, Job};
 use crate::model::generate::{generate, Sampling};
-use crate::model::Pretrained;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use std::io::Write;
-use std::path::PathBuf;
 
 /// Generate a continuation of --prompt with the model in --model.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json); default: the bundled tiny Qwen3.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Prompt text; encoded without special tokens, as given.
     #[arg(long)]
     pub prompt: String,
@@ -41,7 +38,7 @@ pub struct GenerateArgs {
 impl Job for GenerateArgs {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let pre = Pretrained::<B>::load(&model_dir(&self.model), &device)?;
+        let pre = self.model.load::<B>(&device)?;
         let prompt = pre.tokenizer.encode(&self.prompt)?;
         if prompt.is_empty() {
             bail!("--prompt: encodes to no tokens");

@@ -57,6 +57,30 @@ impl clap::builder::ValueParserFactory for DeviceChoice {
     }
 }
 
+/// `--model DIR [--adapter DIR]`: the model to run, with an optional PEFT LoRA adapter.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json); default: the bundled tiny Qwen3.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) applied on top of --model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn load<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<crate::model::Pretrained<B>> {
+        let mut pre = crate::model::Pretrained::<B>::load(&model_dir(&self.model), device)?;
+        if let Some(dir) = &self.adapter {
+            crate::model::lora::load_adapter(&mut pre.lm, dir, device)?;
+        }
+        Ok(pre)
+    }
+}
+
 /// `--model DIR`, defaulting to the bundled tiny model.
 pub fn model_dir(arg: &Option<PathBuf>) -> PathBuf {
     arg.clone().unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL))

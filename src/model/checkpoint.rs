@@ -103,6 +103,25 @@ impl Checkpoint {
         self.shards.len()
     }
 
+    /// Opens one safetensors file (e.g. a PEFT adapter's).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!("{}: not found", path.display());
+        }
+        let shard = Shard::open(path)?;
+        let location = shard
+            .meta
+            .tensors()
+            .keys()
+            .map(|n| (n.clone(), 0))
+            .collect();
+        Ok(Self {
+            shards: vec![shard],
+            location,
+            taken: RefCell::new(BTreeSet::new()),
+        })
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.location.contains_key(name)
     }

@@ -196,6 +196,32 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 
+    /// Every projection under its Hugging Face module name (`model.layers.N.self_attn.q_proj`, ...).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut layer.self_attn;
+            for (n, l) in [
+                ("q_proj", &mut a.q_proj),
+                ("k_proj", &mut a.k_proj),
+                ("v_proj", &mut a.v_proj),
+                ("o_proj", &mut a.o_proj),
+            ] {
+                out.push((format!("{p}.self_attn.{n}"), l));
+            }
+            let m = &mut layer.mlp;
+            for (n, l) in [
+                ("gate_proj", &mut m.gate_proj),
+                ("up_proj", &mut m.up_proj),
+                ("down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("{p}.mlp.{n}"), l));
+            }
+        }
+        out
+    }
+
     pub fn hidden_size(&self) -> usize {
         self.model.embed_tokens.dims()[1]
     }

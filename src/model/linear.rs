@@ -1,6 +1,6 @@
 //! A projection stored as Hugging Face stores it: `weight` is `[out_features, in_features]`.
 
-use super::{checkpoint::Checkpoint, save::Weight};
+use super::{checkpoint::Checkpoint, lora::Lora, save::Weight};
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
@@ -11,6 +11,8 @@ pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// `[out_features]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA adapter on this projection, if any.
+    pub lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -40,6 +42,7 @@ impl<B: Backend> Linear<B> {
         Ok(Self {
             weight: Param::from_tensor(weight),
             bias,
+            lora: None,
         })
     }
 
@@ -54,9 +57,13 @@ impl<B: Backend> Linear<B> {
 
     /// `[rows, in]` -> `[rows, out]`.
     pub fn forward_2d(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = x.matmul(self.weight.val().transpose());
-        match &self.bias {
+        let y = x.clone().matmul(self.weight.val().transpose());
+        let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze::<2>(),
+            None => y,
+        };
+        match &self.lora {
+            Some(lora) => y + lora.delta(x),
             None => y,
         }
     }

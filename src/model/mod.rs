@@ -8,6 +8,7 @@ pub mod config;
 pub mod decoder;
 pub mod generate;
 pub mod linear;
+pub mod lora;
 pub mod mlp;
 pub mod norm;
 pub mod rope;

@@ -56,6 +56,7 @@ fn merge_linear<B: Backend>(all: &[&Linear<B>], mode: MergeMode) -> Linear<B> {
     Linear {
         weight: Param::from_tensor(weight),
         bias,
+        lora: None,
     }
 }
 

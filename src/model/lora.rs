@@ -1,0 +1,147 @@
+//! LoRA adapters in PEFT's layout: `adapter_config.json` plus `adapter_model.safetensors` with
+//! keys `base_model.model.{module}.lora_A.weight` (`[r, in]`) and `.lora_B.weight` (`[out, r]`).
+//! The adapted projection computes `x W^T + scaling * (x A^T) B^T`, scaling = alpha / r
+//! (alpha / sqrt(r) with rsLoRA).
+
+use super::{checkpoint::Checkpoint, CausalLm};
+use anyhow::{anyhow, bail, Context, Result};
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// One projection's low-rank update.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// PEFT's `lora_A.weight`, `[r, in_features]`.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// PEFT's `lora_B.weight`, `[out_features, r]`.
+    pub lora_b: Param<Tensor<B, 2>>,
+    pub scaling: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    /// `x [rows, in]` -> the update `[rows, out]`.
+    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        x.matmul(self.lora_a.val().transpose())
+            .matmul(self.lora_b.val().transpose())
+            .mul_scalar(self.scaling)
+    }
+}
+
+/// The fields of PEFT's adapter_config.json that laco-train reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: serde_json::Value,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default = "none")]
+    pub bias: String,
+    #[serde(default)]
+    pub layers_to_transform: Option<serde_json::Value>,
+}
+
+fn none() -> String {
+    "none".into()
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    /// The projection names adapted (`q_proj`, ...).
+    pub fn targets(&self, path: &Path) -> Result<Vec<String>> {
+        match &self.target_modules {
+            serde_json::Value::Array(v) => v
+                .iter()
+                .map(|t| t.as_str().map(String::from).ok_or_else(|| anyhow!("{}: target_modules must be names", path.display())))
+                .collect(),
+            _ => bail!("{}: target_modules must be a list of module names (regex strings are not supported)", path.display()),
+        }
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        let p = path.display();
+        if self.use_dora {
+            bail!("{p}: use_dora is not supported");
+        }
+        if self.fan_in_fan_out {
+            bail!("{p}: fan_in_fan_out is not supported");
+        }
+        if self.bias != "none" {
+            bail!(
+                "{p}: bias \"{}\" is not supported (expected \"none\")",
+                self.bias
+            );
+        }
+        if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            bail!("{p}: layers_to_transform is not supported");
+        }
+        if self.r == 0 {
+            bail!("{p}: r must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Loads a PEFT adapter directory into `lm`'s projections; fails on any missing, misshapen or
+/// unexpected tensor.
+pub fn load_adapter<B: Backend>(
+    lm: &mut CausalLm<B>,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<LoraConfig> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("{}: cannot read", cfg_path.display()))?;
+    let cfg: LoraConfig =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
+    cfg.check(&cfg_path)?;
+    let targets = cfg.targets(&cfg_path)?;
+    let ck = Checkpoint::open_file(&dir.join(ADAPTER_WEIGHTS))?;
+    let scaling = cfg.scaling();
+    for (name, linear) in lm.linears_mut() {
+        let short = name.rsplit('.').next().unwrap_or_default();
+        if !targets.iter().any(|t| t == short) {
+            continue;
+        }
+        let [out, inp] = linear.weight.dims();
+        let a = ck.tensor(
+            &format!("base_model.model.{name}.lora_A.weight"),
+            [cfg.r, inp],
+            device,
+        )?;
+        let b = ck.tensor(
+            &format!("base_model.model.{name}.lora_B.weight"),
+            [out, cfg.r],
+            device,
+        )?;
+        linear.lora = Some(Lora {
+            lora_a: Param::from_tensor(a),
+            lora_b: Param::from_tensor(b),
+            scaling,
+        });
+    }
+    ck.finish(|_| false)?;
+    Ok(cfg)
+}
