@@ -2,7 +2,10 @@
 //! BOS added), non-overlapping windows of `window` tokens, each window predicting its last
 //! `window - 1` tokens; ppl = exp(mean NLL).
 
-use crate::model::{chunk::row_chunks, Pretrained};
+use crate::model::{
+    chunk::{row_chunks, rows_per_chunk},
+    Pretrained,
+};
 use anyhow::{bail, Result};
 use burn::tensor::{backend::Backend, DType, ElementConversion, Int, Tensor, TensorData};
 use indicatif::ProgressBar;
@@ -56,7 +59,7 @@ pub fn perplexity<B: Backend>(
             .narrow(1, 0, len - 1)
             .reshape([rows, pre.config.hidden_size]);
         let targets = ids.narrow(1, 1, len - 1).reshape([rows]);
-        for r in row_chunks(rows, pre.config.vocab_size) {
+        for r in row_chunks(rows, rows_per_chunk(pre.config.vocab_size)) {
             let logits = pre.lm.logits_2d(hidden.clone().slice(r.clone()));
             let nll = token_nll(logits, targets.clone().slice(r));
             total_nll += nll.sum().cast(DType::F32).into_scalar().elem::<f64>();

@@ -7,9 +7,14 @@ use std::ops::Range;
 /// Logit elements per chunk: 4M f32 = 16 MiB, small enough for the allocator to reuse.
 pub const CHUNK_ELEMENTS: usize = 4 << 20;
 
-/// Row ranges covering `0..rows`, each holding at most [`CHUNK_ELEMENTS`] logits of `vocab`.
-pub fn row_chunks(rows: usize, vocab: usize) -> impl Iterator<Item = Range<usize>> {
-    let step = (CHUNK_ELEMENTS / vocab.max(1)).max(1);
+/// Rows per chunk so that a chunk holds at most [`CHUNK_ELEMENTS`] logits of `vocab`.
+pub fn rows_per_chunk(vocab: usize) -> usize {
+    (CHUNK_ELEMENTS / vocab.max(1)).max(1)
+}
+
+/// Row ranges of `step` rows covering `0..rows`.
+pub fn row_chunks(rows: usize, step: usize) -> impl Iterator<Item = Range<usize>> {
+    let step = step.max(1);
     (0..rows)
         .step_by(step)
         .map(move |s| s..(s + step).min(rows))
@@ -21,7 +26,7 @@ mod tests {
 
     #[test]
     fn chunks_cover_rows_exactly_once() {
-        let chunks: Vec<_> = row_chunks(1000, 151_936).collect();
+        let chunks: Vec<_> = row_chunks(1000, rows_per_chunk(151_936)).collect();
         assert_eq!(chunks.first().unwrap().start, 0);
         assert_eq!(chunks.last().unwrap().end, 1000);
         assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));

@@ -1,0 +1,126 @@
+//! Distillation losses, computed over row chunks so that `[rows, vocab]` logits of teacher and
+//! student never exist whole (see [`crate::model::chunk`]).
+//!
+//! Every loss is a per-row divergence between the teacher's and the student's next-token
+//! distributions at temperature T, times T^2, mixed with the student's cross-entropy:
+//! `alpha x KD + (1 - alpha) x CE`, both means over rows whose label is not -100. As in
+//! torchtune's chunked KD loss, each chunk's sums are added un-normalised and divided once by
+//! the number of counted rows.
+
+use crate::eval::ppl::token_nll;
+use crate::model::chunk::row_chunks;
+use burn::tensor::{activation::log_softmax, backend::Backend, DType, Int, Tensor};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+/// Which divergence the KD term uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    /// KL(teacher || student): the student covers the teacher's mass (the usual KD loss).
+    ForwardKl,
+    /// KL(student || teacher): mode-seeking.
+    ReverseKl,
+    /// Forward KL over the teacher's top-k tokens, teacher renormalised over those k; the
+    /// student's log-probabilities are its full-vocabulary ones gathered at those ids.
+    TopKForwardKl { k: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct KdLoss {
+    pub divergence: Divergence,
+    pub temperature: f64,
+    /// Weight of the KD term; 1 - alpha goes to the student's cross-entropy.
+    pub alpha: f64,
+}
+
+/// Un-normalised sums over the counted rows of one or more chunks.
+pub struct LossSums<B: Backend> {
+    pub kd: Tensor<B, 1>,
+    pub ce: Tensor<B, 1>,
+}
+
+impl<B: Backend> LossSums<B> {
+    fn add(self, other: Self) -> Self {
+        Self {
+            kd: self.kd + other.kd,
+            ce: self.ce + other.ce,
+        }
+    }
+
+    /// `(loss, kd, ce)` as means over `count` rows: loss = alpha KD + (1 - alpha) CE.
+    pub fn means(self, count: usize, cfg: &KdLoss) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+        let n = count.max(1) as f64;
+        let kd = self.kd.div_scalar(n);
+        let ce = self.ce.div_scalar(n);
+        let loss = kd.clone().mul_scalar(cfg.alpha) + ce.clone().mul_scalar(1.0 - cfg.alpha);
+        (loss, kd, ce)
+    }
+}
+
+/// The one chunk driver: for each range of `chunk_rows` rows (see
+/// [`crate::model::chunk::rows_per_chunk`]), `logits(range)` gives `(student, teacher)` logits
+/// `[rows, vocab]` of those rows, and their KD and CE sums are accumulated.
+///
+/// - `targets`: `[rows]` next-token ids, any value where `valid` is 0
+/// - `valid`: `[rows]`, 1.0 where the label is not -100
+pub fn chunked_kd<B: Backend>(
+    rows: usize,
+    chunk_rows: usize,
+    targets: Tensor<B, 1, Int>,
+    valid: Tensor<B, 1>,
+    cfg: &KdLoss,
+    mut logits: impl FnMut(Range<usize>) -> (Tensor<B, 2>, Tensor<B, 2>),
+) -> LossSums<B> {
+    let mut total: Option<LossSums<B>> = None;
+    for r in row_chunks(rows, chunk_rows) {
+        let (student, teacher) = logits(r.clone());
+        let sums = chunk_sums(
+            student,
+            teacher,
+            targets.clone().slice(r.clone()),
+            valid.clone().slice(r),
+            cfg,
+        );
+        total = Some(match total {
+            Some(t) => t.add(sums),
+            None => sums,
+        });
+    }
+    total.expect("at least one row")
+}
+
+/// KD and CE sums of one chunk, in f32.
+fn chunk_sums<B: Backend>(
+    student: Tensor<B, 2>,
+    teacher: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    valid: Tensor<B, 1>,
+    cfg: &KdLoss,
+) -> LossSums<B> {
+    let student = student.cast(DType::F32);
+    let teacher = teacher.cast(DType::F32);
+    let n = student.dims()[0];
+    let t = cfg.temperature;
+    let ls = log_softmax(student.clone().div_scalar(t), 1);
+    let per_row = match cfg.divergence {
+        Divergence::ForwardKl => {
+            let lt = log_softmax(teacher.div_scalar(t), 1);
+            (lt.clone().exp() * (lt - ls)).sum_dim(1)
+        }
+        Divergence::ReverseKl => {
+            let lt = log_softmax(teacher.div_scalar(t), 1);
+            (ls.clone().exp() * (ls - lt)).sum_dim(1)
+        }
+        Divergence::TopKForwardKl { k } => {
+            let (values, ids) = teacher.topk_with_indices(k, 1);
+            let lt = log_softmax(values.div_scalar(t), 1);
+            (lt.clone().exp() * (lt - ls.gather(1, ids))).sum_dim(1)
+        }
+    };
+    let kd = (per_row.reshape([n]) * valid.clone())
+        .sum()
+        .mul_scalar(t * t);
+    let ce = (token_nll(student, targets) * valid).sum();
+    LossSums { kd, ce }
+}
