@@ -102,6 +102,7 @@ fn kd_losses_match_golden_in_any_chunking() {
                 divergence: Divergence::ForwardKl,
                 temperature: t,
                 alpha: 1.0,
+                top_k: 16,
             };
             let (loss, kd, ce) = losses(&c, &fwd, chunk_rows);
             close(
@@ -115,6 +116,7 @@ fn kd_losses_match_golden_in_any_chunking() {
                 divergence: Divergence::ReverseKl,
                 temperature: t,
                 alpha: 1.0,
+                top_k: 16,
             };
             close(
                 losses(&c, &rev, chunk_rows).1,
@@ -123,9 +125,10 @@ fn kd_losses_match_golden_in_any_chunking() {
             );
         }
         let top = KdLoss {
-            divergence: Divergence::TopKForwardKl { k: 16 },
+            divergence: Divergence::TopKForwardKl,
             temperature: 1.0,
             alpha: 1.0,
+            top_k: 16,
         };
         close(
             losses(&c, &top, chunk_rows).1,
@@ -142,6 +145,7 @@ fn alpha_mixes_kd_and_ce() {
         divergence: Divergence::ForwardKl,
         temperature: 2.0,
         alpha: 0.25,
+        top_k: 16,
     };
     let (loss, kd, ce) = losses(&c, &cfg, 5);
     assert!((loss - (0.25 * kd + 0.75 * ce)).abs() <= 1e-6);

@@ -51,7 +51,14 @@ impl Job for EvalArgs {
         }
         let bar = progress_bar("ppl");
         let started = std::time::Instant::now();
-        let r = perplexity(&pre, &ids, self.window, self.batch_size.max(1), &bar)?;
+        let r = perplexity(
+            &pre.lm,
+            &pre.rope,
+            &ids,
+            self.window,
+            self.batch_size.max(1),
+            &bar,
+        )?;
         bar.finish_and_clear();
         let secs = started.elapsed().as_secs_f64();
         let tokens_per_sec = ids.len() as f64 / secs;

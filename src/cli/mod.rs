@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand, all sharing [`Common`] options.
 
+mod distill;
 mod eval;
 mod generate;
 mod prune;
@@ -32,6 +33,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Prune a model by LaCo layer collapse into a new Hugging Face directory.
     Prune(prune::PruneArgs),
+    /// Recover a pruned student by distillation from its teacher into LoRA adapters.
+    Distill(distill::DistillArgs),
 }
 
 /// Options every command takes.
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Prune(args) => prune::run(args),
+        Command::Distill(args) => distill::run(args),
     }
 }
 

@@ -115,93 +115,105 @@ struct PruneJob {
 impl Job for PruneJob {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let started = std::time::Instant::now();
-        let pre = Pretrained::<B>::load(&self.model, &device)?;
-        let n = pre.lm.num_layers();
-        let c = self.settings.calibration_tokens;
-        let sentences = self
-            .calibration
-            .iter()
-            .map(|s| {
-                pre.tokenizer
-                    .encode(s)
-                    .map(|ids| ids.into_iter().take(c).collect::<Vec<_>>())
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let sentences: Vec<Vec<u32>> = sentences.into_iter().filter(|s| !s.is_empty()).collect();
-        let calibration = Calibration::new(
-            &pre.lm,
-            &pre.rope,
-            &sentences,
+        let report = prune_into::<B>(
+            &self.model,
+            &self.args.out,
+            &self.settings,
+            &self.calibration,
             self.args.batch_size,
             &device,
         )?;
-
-        let bar = progress_bar("laco");
-        bar.set_length(calibration.num_batches() as u64);
-        let pruned = collapse(
-            pre.lm.clone(),
-            &pre.rope,
-            &calibration,
-            &self.settings,
-            |step| {
-                bar.println(describe(step));
-                bar.reset();
-            },
-            || bar.inc(1),
-        );
-        bar.finish_and_clear();
-
-        let out = &self.args.out;
-        let tmp = temporary_sibling(out);
-        let write = || -> Result<()> {
-            std::fs::create_dir_all(&tmp)
-                .with_context(|| format!("{}: cannot create", tmp.display()))?;
-            let config = pruned_config(&self.model, &pruned.origin)?;
-            save_pretrained(
-                &pruned.lm,
-                &config,
-                &self.model,
-                &tmp,
-                pre.storage.dtype,
-                pre.storage.shards,
-            )?;
-            let report = report(
-                &self,
-                n,
-                &pruned.trace,
-                &pruned.origin,
-                sentences.len(),
-                started.elapsed().as_secs_f64(),
-            );
-            std::fs::write(
-                tmp.join("laco_report.json"),
-                serde_json::to_string_pretty(&report)? + "\n",
-            )?;
-            if out.exists() {
-                std::fs::remove_dir_all(out)
-                    .with_context(|| format!("{}: cannot replace", out.display()))?;
-            }
-            std::fs::rename(&tmp, out)
-                .with_context(|| format!("{}: cannot move into place", out.display()))?;
-            if self.args.common.json {
-                print_json(&report);
-            }
-            Ok(())
-        };
-        let result = write();
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
+        if self.args.common.json {
+            print_json(&report);
         }
-        result?;
-        eprintln!(
-            "pruned {n} -> {} layers into {} ({:.1}s)",
-            pruned.lm.num_layers(),
-            out.display(),
-            started.elapsed().as_secs_f64()
-        );
         Ok(())
     }
+}
+
+/// Prunes `model` into `out` (replaced if it exists) and returns the report also written as
+/// `out/laco_report.json`. The directory appears whole or not at all.
+pub fn prune_into<B: Backend>(
+    model: &Path,
+    out: &Path,
+    settings: &LacoSettings,
+    calibration: &[String],
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<serde_json::Value> {
+    let started = std::time::Instant::now();
+    let pre = Pretrained::<B>::load(model, device)?;
+    let n = pre.lm.num_layers();
+    let c = settings.calibration_tokens;
+    let sentences = calibration
+        .iter()
+        .map(|s| {
+            pre.tokenizer
+                .encode(s)
+                .map(|ids| ids.into_iter().take(c).collect::<Vec<_>>())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let sentences: Vec<Vec<u32>> = sentences.into_iter().filter(|s| !s.is_empty()).collect();
+    let calib = Calibration::new(&pre.lm, &pre.rope, &sentences, batch_size, device)?;
+
+    let bar = progress_bar("laco");
+    bar.set_length(calib.num_batches() as u64);
+    let on_step = |step: &Step| {
+        bar.println(describe(step));
+        bar.reset();
+    };
+    let pruned = collapse(pre.lm.clone(), &pre.rope, &calib, settings, on_step, || {
+        bar.inc(1)
+    });
+    bar.finish_and_clear();
+
+    let tmp = temporary_sibling(out);
+    let write = || -> Result<serde_json::Value> {
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let config = pruned_config(model, &pruned.origin)?;
+        save_pretrained(
+            &pruned.lm,
+            &config,
+            model,
+            &tmp,
+            pre.storage.dtype,
+            pre.storage.shards,
+        )?;
+        let secs = started.elapsed().as_secs_f64();
+        let report = report(
+            model,
+            out,
+            settings,
+            n,
+            &pruned.trace,
+            &pruned.origin,
+            sentences.len(),
+            secs,
+        );
+        std::fs::write(
+            tmp.join("laco_report.json"),
+            serde_json::to_string_pretty(&report)? + "\n",
+        )?;
+        if out.exists() {
+            std::fs::remove_dir_all(out)
+                .with_context(|| format!("{}: cannot replace", out.display()))?;
+        }
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("{}: cannot move into place", out.display()))?;
+        Ok(report)
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    let report = result?;
+    eprintln!(
+        "pruned {n} -> {} layers into {} ({:.1}s)",
+        pruned.lm.num_layers(),
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(report)
 }
 
 fn describe(step: &Step) -> String {
@@ -246,8 +258,11 @@ fn pruned_config(source: &Path, origin: &[Vec<usize>]) -> Result<serde_json::Val
     Ok(config)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn report(
-    job: &PruneJob,
+    model: &Path,
+    out: &Path,
+    s: &LacoSettings,
     n: usize,
     trace: &[Step],
     origin: &[Vec<usize>],
@@ -269,11 +284,10 @@ fn report(
         let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         serde_json::json!({"average": avg, "min": min, "max": max})
     };
-    let s = &job.settings;
     serde_json::json!({
         "task": "prune",
-        "source": job.model.display().to_string(),
-        "out": job.args.out.display().to_string(),
+        "source": model.display().to_string(),
+        "out": out.display().to_string(),
         "parameters": {
             "merge_layers": s.merge_layers, "lowest_layer": s.lowest_layer, "highest_layer": s.highest(n),
             "interval": s.interval, "threshold": s.threshold, "max_compression": s.max_compression,
@@ -340,4 +354,25 @@ pub fn run(args: PruneArgs) -> Result<()> {
             calibration,
         },
     )
+}
+
+/// The calibration sentences of `settings` (one per non-empty line), or the bundled ones.
+pub fn calibration_lines(settings: &LacoSettings) -> Result<Vec<String>> {
+    let path = settings
+        .calibration
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(BUNDLED_CALIBRATION));
+    let lines: Vec<String> = crate::data::read_text(&path)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if lines.is_empty() {
+        bail!(
+            "{}: no calibration sentences (one per line expected)",
+            path.display()
+        );
+    }
+    Ok(lines)
 }

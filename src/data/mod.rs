@@ -1,5 +1,7 @@
 //! Reading training and evaluation data.
 
+pub mod batch;
+pub mod instruct;
 pub mod text;
 
 pub use text::read_text;

@@ -21,17 +21,31 @@ pub enum Divergence {
     ForwardKl,
     /// KL(student || teacher): mode-seeking.
     ReverseKl,
-    /// Forward KL over the teacher's top-k tokens, teacher renormalised over those k; the
+    /// Forward KL over the teacher's `top_k` tokens, teacher renormalised over those k; the
     /// student's log-probabilities are its full-vocabulary ones gathered at those ids.
-    TopKForwardKl { k: usize },
+    TopKForwardKl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct KdLoss {
     pub divergence: Divergence,
     pub temperature: f64,
     /// Weight of the KD term; 1 - alpha goes to the student's cross-entropy.
     pub alpha: f64,
+    /// k of `top_k_forward_kl`.
+    pub top_k: usize,
+}
+
+impl Default for KdLoss {
+    fn default() -> Self {
+        Self {
+            divergence: Divergence::ForwardKl,
+            temperature: 2.0,
+            alpha: 0.5,
+            top_k: 64,
+        }
+    }
 }
 
 /// Un-normalised sums over the counted rows of one or more chunks.
@@ -112,8 +126,8 @@ fn chunk_sums<B: Backend>(
             let lt = log_softmax(teacher.div_scalar(t), 1);
             (ls.clone().exp() * (ls - lt)).sum_dim(1)
         }
-        Divergence::TopKForwardKl { k } => {
-            let (values, ids) = teacher.topk_with_indices(k, 1);
+        Divergence::TopKForwardKl => {
+            let (values, ids) = teacher.topk_with_indices(cfg.top_k, 1);
             let lt = log_softmax(values.div_scalar(t), 1);
             (lt.clone().exp() * (lt - ls.gather(1, ids))).sum_dim(1)
         }

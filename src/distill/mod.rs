@@ -1,3 +1,5 @@
 //! Knowledge distillation of a pruned student from its teacher into LoRA adapters.
 
+pub mod config;
 pub mod loss;
+pub mod trainer;

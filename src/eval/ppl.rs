@@ -4,7 +4,7 @@
 
 use crate::model::{
     chunk::{row_chunks, rows_per_chunk},
-    Pretrained,
+    CausalLm, Rope,
 };
 use anyhow::{bail, Result};
 use burn::tensor::{backend::Backend, DType, ElementConversion, Int, Tensor, TensorData};
@@ -20,7 +20,8 @@ pub struct Perplexity {
 
 /// Windows run `batch` at a time; the last window may be shorter (it still predicts len-1 tokens).
 pub fn perplexity<B: Backend>(
-    pre: &Pretrained<B>,
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
     ids: &[u32],
     window: usize,
     batch: usize,
@@ -34,7 +35,8 @@ pub fn perplexity<B: Backend>(
         bail!("the text has {} tokens; need at least 2", ids.len());
     }
     progress.set_length(windows.len() as u64);
-    let device = pre.lm.model.embed_tokens.device();
+    let device = lm.model.embed_tokens.device();
+    let vocab = lm.model.embed_tokens.dims()[0];
     let mut total_nll = 0.0f64;
     let mut count = 0usize;
     // Windows of equal length batch together; only the last one can differ.
@@ -53,14 +55,14 @@ pub fn perplexity<B: Backend>(
             .collect();
         let ids =
             Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [group.len(), len]), &device);
-        let hidden = pre.lm.hidden(ids.clone(), &pre.rope, None, None, None);
+        let hidden = lm.hidden(ids.clone(), rope, None, None, None);
         let rows = group.len() * (len - 1);
         let hidden = hidden
             .narrow(1, 0, len - 1)
-            .reshape([rows, pre.config.hidden_size]);
+            .reshape([rows, lm.hidden_size()]);
         let targets = ids.narrow(1, 1, len - 1).reshape([rows]);
-        for r in row_chunks(rows, rows_per_chunk(pre.config.vocab_size)) {
-            let logits = pre.lm.logits_2d(hidden.clone().slice(r.clone()));
+        for r in row_chunks(rows, rows_per_chunk(vocab)) {
+            let logits = lm.logits_2d(hidden.clone().slice(r.clone()));
             let nll = token_nll(logits, targets.clone().slice(r));
             total_nll += nll.sum().cast(DType::F32).into_scalar().elem::<f64>();
         }

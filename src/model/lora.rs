@@ -21,11 +21,24 @@ pub struct Lora<B: Backend> {
     /// PEFT's `lora_B.weight`, `[out_features, r]`.
     pub lora_b: Param<Tensor<B, 2>>,
     pub scaling: f64,
+    /// Dropout on the adapter's input, applied only when gradients are tracked (training).
+    pub dropout: f64,
 }
 
 impl<B: Backend> Lora<B> {
     /// `x [rows, in]` -> the update `[rows, out]`.
     pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = 1.0 - self.dropout;
+            let mask = Tensor::<B, 2>::random(
+                x.dims(),
+                burn::tensor::Distribution::Bernoulli(keep),
+                &x.device(),
+            );
+            x * mask.div_scalar(keep)
+        } else {
+            x
+        };
         x.matmul(self.lora_a.val().transpose())
             .matmul(self.lora_b.val().transpose())
             .mul_scalar(self.scaling)
@@ -140,8 +153,109 @@ pub fn load_adapter<B: Backend>(
             lora_a: Param::from_tensor(a),
             lora_b: Param::from_tensor(b),
             scaling,
+            dropout: 0.0,
         });
     }
     ck.finish(|_| false)?;
     Ok(cfg)
+}
+
+/// What to train: rank, alpha, dropout and target projections (PEFT's meanings).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraSettings {
+    /// The Mercity/Qwen3-8B-LaCo-Pruned card's recovery settings.
+    fn default() -> Self {
+        let targets = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        Self {
+            r: 32,
+            alpha: 64.0,
+            dropout: 0.05,
+            target_modules: targets.map(String::from).to_vec(),
+        }
+    }
+}
+
+/// Freezes every weight of `lm` and adds fresh adapters on the targeted projections, initialised
+/// as PEFT does: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a = sqrt(5)), B = 0, so the
+/// adapted model starts equal to the base.
+pub fn attach_new<B: Backend>(
+    lm: CausalLm<B>,
+    s: &LoraSettings,
+    device: &B::Device,
+) -> CausalLm<B> {
+    let mut lm = lm.no_grad();
+    let scaling = s.alpha / s.r as f64;
+    for (name, linear) in lm.linears_mut() {
+        let short = name.rsplit('.').next().unwrap_or_default();
+        if !s.target_modules.iter().any(|t| t == short) {
+            continue;
+        }
+        let [out, inp] = linear.weight.dims();
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = Tensor::random(
+            [s.r, inp],
+            burn::tensor::Distribution::Uniform(-bound, bound),
+            device,
+        );
+        let b = Tensor::zeros([out, s.r], device);
+        linear.lora = Some(Lora {
+            lora_a: Param::from_tensor(a),
+            lora_b: Param::from_tensor(b),
+            scaling,
+            dropout: s.dropout,
+        });
+    }
+    lm
+}
+
+/// Writes `lm`'s adapters as a PEFT adapter directory (`out` must exist).
+pub fn save_adapter<B: Backend>(
+    lm: &mut CausalLm<B>,
+    s: &LoraSettings,
+    base_model: &Path,
+    out: &Path,
+) -> Result<()> {
+    let mut weights = Vec::new();
+    for (name, linear) in lm.linears_mut() {
+        if let Some(l) = &linear.lora {
+            weights.push((
+                format!("base_model.model.{name}.lora_A.weight"),
+                super::save::Weight::Matrix(l.lora_a.val()),
+            ));
+            weights.push((
+                format!("base_model.model.{name}.lora_B.weight"),
+                super::save::Weight::Matrix(l.lora_b.val()),
+            ));
+        }
+    }
+    super::save::write_safetensors(
+        &weights,
+        safetensors::Dtype::F32,
+        &out.join(ADAPTER_WEIGHTS),
+    )?;
+    let config = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model.display().to_string(),
+        "r": s.r, "lora_alpha": s.alpha, "lora_dropout": s.dropout, "target_modules": s.target_modules,
+        "bias": "none", "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
+        "use_rslora": false, "use_dora": false, "modules_to_save": null, "layers_to_transform": null,
+    });
+    let path = out.join(ADAPTER_CONFIG);
+    std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n")
+        .with_context(|| format!("{}: cannot write", path.display()))
 }

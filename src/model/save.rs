@@ -95,25 +95,10 @@ pub fn save_pretrained<B: Backend>(
         } else {
             format!("model-{:05}-of-{:05}.safetensors", i + 1, groups.len())
         };
-        let views = weights[range.clone()].iter().map(|(name, w)| {
+        for (name, _) in &weights[range.clone()] {
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
-            (
-                name.clone(),
-                LazyWeight {
-                    weight: w,
-                    dtype,
-                    shape: w.shape(),
-                },
-            )
-        });
-        let metadata = Some(
-            [("format".to_string(), "pt".to_string())]
-                .into_iter()
-                .collect(),
-        );
-        let path = out.join(&file);
-        safetensors::serialize_to_file(views.collect::<Vec<_>>(), metadata, &path)
-            .map_err(|e| anyhow!("{}: cannot write ({e:?})", path.display()))?;
+        }
+        write_safetensors(&weights[range.clone()], dtype, &out.join(&file))?;
     }
     if groups.len() > 1 {
         let index =
@@ -123,6 +108,35 @@ pub fn save_pretrained<B: Backend>(
             .with_context(|| format!("{}: cannot write", out.join(INDEX_FILE).display()))?;
     }
     Ok(())
+}
+
+/// Writes `weights` to one safetensors file in `dtype`.
+pub fn write_safetensors<B: Backend>(
+    weights: &[(String, Weight<B>)],
+    dtype: Dtype,
+    path: &Path,
+) -> Result<()> {
+    storage_dtype(dtype)?;
+    let views: Vec<_> = weights
+        .iter()
+        .map(|(n, w)| {
+            (
+                n.clone(),
+                LazyWeight {
+                    weight: w,
+                    dtype,
+                    shape: w.shape(),
+                },
+            )
+        })
+        .collect();
+    let metadata = Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    safetensors::serialize_to_file(views, metadata, path)
+        .map_err(|e| anyhow!("{}: cannot write ({e:?})", path.display()))
 }
 
 /// Consecutive index ranges over `sizes`, `parts` of them, each about `sum / parts` bytes.

@@ -3,6 +3,7 @@
 use anyhow::{anyhow, Result};
 use std::path::Path;
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }

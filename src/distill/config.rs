@@ -1,0 +1,191 @@
+//! The distillation job's TOML config. Relative paths are relative to the config file's folder.
+//! `configs/tiny.toml` (the bundled tiny model) is embedded as the default.
+
+use super::loss::KdLoss;
+use crate::model::lora::LoraSettings;
+use crate::prune::LacoSettings;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const EMBEDDED_TINY: &str = include_str!("../../configs/tiny.toml");
+pub const EMBEDDED_TINY_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub laco: LacoSettings,
+    pub data: DataSection,
+    #[serde(default)]
+    pub lora: LoraSettings,
+    #[serde(default)]
+    pub loss: KdLoss,
+    #[serde(default)]
+    pub optim: OptimSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The unpruned base model: the teacher of `--teacher base` and the source of the student.
+    pub base: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Parquet files (Alpaca, OpenOrca or text layout).
+    pub files: Vec<PathBuf>,
+    /// Mixture weights, one per file; default: equal.
+    #[serde(default)]
+    pub weights: Vec<f64>,
+    #[serde(default = "d_max_seq_len")]
+    pub max_seq_len: usize,
+    /// At most this many examples are read from each file.
+    #[serde(default = "d_max_examples")]
+    pub max_examples: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSection {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    /// Cosine decay ends at lr x min_lr_ratio.
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm clip; 0 disables it.
+    pub grad_clip: f64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_steps: usize,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        Self {
+            lr: 2e-4,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            grad_clip: 1.0,
+            batch_size: 4,
+            grad_accum: 1,
+            max_steps: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub run_dir: PathBuf,
+    /// Held-out text whose perplexity is measured (student + adapter) every `eval_every` steps.
+    pub eval_text: PathBuf,
+    #[serde(default = "d_eval_every")]
+    pub eval_every: usize,
+    #[serde(default = "d_eval_tokens")]
+    pub eval_tokens: usize,
+}
+
+fn d_max_seq_len() -> usize {
+    512
+}
+fn d_max_examples() -> usize {
+    100_000
+}
+fn d_eval_every() -> usize {
+    50
+}
+fn d_eval_tokens() -> usize {
+    4096
+}
+
+impl DistillConfig {
+    /// `path`, or the embedded tiny config when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let (text, origin, dir) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("{}: cannot read", p.display()))?,
+                p.display().to_string(),
+                p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            ),
+            None => (
+                EMBEDDED_TINY.to_string(),
+                "configs/tiny.toml (embedded)".into(),
+                PathBuf::from(EMBEDDED_TINY_DIR),
+            ),
+        };
+        let mut cfg: Self =
+            toml::from_str(&text).map_err(|e| anyhow!("{origin}: {}", e.message()))?;
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        abs(&mut cfg.model.base);
+        cfg.data.files.iter_mut().for_each(abs);
+        abs(&mut cfg.output.eval_text);
+        if let Some(c) = cfg.laco.calibration.as_mut() {
+            abs(c);
+        }
+        cfg.validate(&origin)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let d = &self.data;
+        if d.files.is_empty() {
+            bail!("{origin}: data.files is empty");
+        }
+        if !d.weights.is_empty()
+            && (d.weights.len() != d.files.len()
+                || d.weights.iter().any(|w| *w < 0.0)
+                || d.weights.iter().sum::<f64>() <= 0.0)
+        {
+            bail!(
+                "{origin}: data.weights must give one non-negative weight per file (not all zero)"
+            );
+        }
+        if d.max_seq_len < 2 {
+            bail!("{origin}: data.max_seq_len must be at least 2");
+        }
+        let o = &self.optim;
+        if o.batch_size == 0 || o.grad_accum == 0 || o.max_steps == 0 {
+            bail!("{origin}: optim.batch_size, optim.grad_accum and optim.max_steps must be at least 1");
+        }
+        if o.lr.is_nan() || o.lr <= 0.0 {
+            bail!("{origin}: optim.lr must be positive");
+        }
+        if self.lora.r == 0 || !(0.0..1.0).contains(&self.lora.dropout) {
+            bail!("{origin}: lora.r must be at least 1 and lora.dropout in [0, 1)");
+        }
+        if self.loss.temperature.is_nan() || self.loss.temperature <= 0.0 || !(0.0..=1.0).contains(&self.loss.alpha) {
+            bail!("{origin}: loss.temperature must be positive and loss.alpha in [0, 1]");
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` (0-based): linear warmup, then cosine decay to lr x min_lr_ratio.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let o = &self.optim;
+        if step < o.warmup_steps {
+            return o.lr * (step + 1) as f64 / o.warmup_steps as f64;
+        }
+        let span = (o.max_steps.saturating_sub(o.warmup_steps)).max(1) as f64;
+        let progress = ((step - o.warmup_steps) as f64 / span).min(1.0);
+        let min = o.lr * o.min_lr_ratio;
+        min + (o.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
