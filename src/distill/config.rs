@@ -171,7 +171,10 @@ impl DistillConfig {
         if self.lora.r == 0 || !(0.0..1.0).contains(&self.lora.dropout) {
             bail!("{origin}: lora.r must be at least 1 and lora.dropout in [0, 1)");
         }
-        if self.loss.temperature.is_nan() || self.loss.temperature <= 0.0 || !(0.0..=1.0).contains(&self.loss.alpha) {
+        if self.loss.temperature.is_nan()
+            || self.loss.temperature <= 0.0
+            || !(0.0..=1.0).contains(&self.loss.alpha)
+        {
             bail!("{origin}: loss.temperature must be positive and loss.alpha in [0, 1]");
         }
         Ok(())
@@ -187,5 +190,27 @@ impl DistillConfig {
         let progress = ((step - o.warmup_steps) as f64 / span).min(1.0);
         let min = o.lr * o.min_lr_ratio;
         min + (o.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_tiny_config_loads_and_schedule_warms_up_then_decays() {
+        let cfg = DistillConfig::load(None).unwrap();
+        assert!(cfg.model.base.join("config.json").exists());
+        assert!(cfg.data.files.iter().all(|f| f.exists()));
+        let o = &cfg.optim;
+        assert!((cfg.lr_at(0) - o.lr / o.warmup_steps as f64).abs() < 1e-12);
+        assert!((cfg.lr_at(o.warmup_steps - 1) - o.lr).abs() < 1e-12);
+        assert!(
+            (cfg.lr_at(o.warmup_steps) - o.lr).abs() < 1e-12,
+            "cosine starts at the peak"
+        );
+        let end = cfg.lr_at(o.max_steps);
+        assert!((end - o.lr * o.min_lr_ratio).abs() < 1e-12);
+        assert!(cfg.lr_at(o.max_steps / 2) < o.lr && cfg.lr_at(o.max_steps / 2) > end);
     }
 }

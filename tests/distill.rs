@@ -1,0 +1,146 @@
+//! `laco-train distill --teacher base` on the bundled tiny model: a shortened run prunes the
+//! student, trains LoRA adapters, lowers held-out perplexity and writes a PEFT adapter.
+
+mod common;
+use common::*;
+use laco_train::model::{lora::load_adapter, Pretrained};
+use safetensors::SafeTensors;
+use std::process::Command;
+
+#[test]
+fn shortened_distill_recovers_perplexity_and_writes_a_peft_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let bin = env!("CARGO_BIN_EXE_laco-train");
+    let out = Command::new(bin)
+        .args([
+            "distill",
+            "--teacher",
+            "base",
+            "--max-steps",
+            "25",
+            "--json",
+            "--out",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let s: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(s["steps"], 25);
+    assert_eq!(
+        s["student"].as_str().unwrap(),
+        run.join("student").to_str().unwrap()
+    );
+    assert_eq!(
+        s["adapter"].as_str().unwrap(),
+        run.join("adapter").to_str().unwrap()
+    );
+    assert!(s["final_loss"].as_f64().unwrap().is_finite());
+    let (pruned, recovered, teacher) = (
+        s["ppl_student"].as_f64().unwrap(),
+        s["ppl_recovered"].as_f64().unwrap(),
+        s["ppl_teacher"].as_f64().unwrap(),
+    );
+    assert!(
+        recovered < pruned * 0.95,
+        "distillation must lower held-out ppl: {pruned} -> {recovered}"
+    );
+    assert!(teacher < pruned);
+
+    // The student is the `last` scenario's 4-layer prune; the adapter is PEFT's layout.
+    let student = Pretrained::<B>::load(&run.join("student"), &device()).unwrap();
+    assert_eq!(student.lm.num_layers(), 4);
+    let bytes = std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.len(), 4 * 7 * 2);
+    let a = st
+        .tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+        .unwrap();
+    let b = st
+        .tensor("base_model.model.model.layers.3.mlp.down_proj.lora_B.weight")
+        .unwrap();
+    assert_eq!(
+        (a.shape(), b.shape()),
+        (&[16usize, 128][..], &[128usize, 16][..])
+    );
+    let mut lm = student.lm;
+    let cfg = load_adapter(&mut lm, &run.join("adapter"), &device()).unwrap();
+    assert_eq!((cfg.r, cfg.lora_alpha), (16, 32.0));
+
+    // One metrics line per step with what TensorBoard users look for.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 25);
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    for k in [
+        "loss",
+        "kd_loss",
+        "ce_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+    ] {
+        assert!(last[k].as_f64().unwrap().is_finite(), "{k}");
+    }
+
+    // A second run reuses the pruned student.
+    let again = Command::new(bin)
+        .args(["distill", "--max-steps", "1", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("reusing the pruned student"));
+}
+
+#[test]
+fn teacher_and_student_must_share_a_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher");
+    std::fs::create_dir(&teacher).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-qwen3").join(f), teacher.join(f)).unwrap();
+    }
+    std::fs::copy(
+        fixture("qwen3-tokenizer/tokenizer.json"),
+        teacher.join("tokenizer.json"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_laco-train"))
+        .args(["distill", "--max-steps", "1", "--student"])
+        .arg(fixture("golden/laco-last"))
+        .arg("--teacher")
+        .arg(&teacher)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("must share a tokenizer and vocabulary"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_errors_name_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[model]\nbase = \"x\"\n[data]\nfiles = []\n[output]\nrun_dir = \"r\"\neval_text = \"t\"\n[optim]\nlearning_rate = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_laco-train"))
+        .args(["distill", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        !out.status.success() && err.contains("bad.toml") && err.contains("learning_rate"),
+        "{err}"
+    );
+}
