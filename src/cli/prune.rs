@@ -327,22 +327,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
             args.out.display()
         );
     }
-    let cal_path = settings
-        .calibration
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(BUNDLED_CALIBRATION));
-    let calibration: Vec<String> = crate::data::read_text(&cal_path)?
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
-    if calibration.is_empty() {
-        bail!(
-            "{}: no calibration sentences (one per line expected)",
-            cal_path.display()
-        );
-    }
+    let calibration = calibration_lines(&settings)?;
     let common = args.common.clone();
     dispatch(
         common.device,
