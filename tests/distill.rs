@@ -88,6 +88,33 @@ fn shortened_distill_recovers_perplexity_and_writes_a_peft_adapter() {
         assert!(last[k].as_f64().unwrap().is_finite(), "{k}");
     }
 
+    // TensorBoard event files (checked by hand with tensorboard's EventAccumulator: the train/*
+    // scalars and eval/ppl are there).
+    let events: Vec<_> = std::fs::read_dir(run.join("tb"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert!(events[0]
+        .file_name()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let bytes = std::fs::read(events[0].path()).unwrap();
+    for tag in [
+        "train/loss",
+        "train/kd_loss",
+        "train/ce_loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "eval/ppl",
+    ] {
+        assert!(
+            bytes.windows(tag.len()).any(|w| w == tag.as_bytes()),
+            "{tag} in the event file"
+        );
+    }
+
     // A second run reuses the pruned student.
     let again = Command::new(bin)
         .args(["distill", "--max-steps", "1", "--out"])

@@ -1,7 +1,8 @@
 //! The distillation loop: the pruned student (frozen, plus fresh LoRA adapters) learns the
 //! teacher's next-token distributions on instruction data. Reads top to bottom: setup, then
 //! per step: learning rate, micro-batches (both forwards, chunked loss, backward), global-norm
-//! clip, AdamW step, logging, periodic held-out perplexity; finally the PEFT adapter.
+//! clip, AdamW step, logging (TensorBoard under RUN_DIR/tb and metrics.jsonl), periodic held-out
+//! perplexity; finally the PEFT adapter.
 
 use super::{config::DistillConfig, loss::chunked_kd};
 use crate::data::batch::{tokenize, Batch, Sequence};
@@ -77,6 +78,8 @@ pub fn distill<B: AutodiffBackend>(
     eprintln!("held-out ppl: teacher {ppl_teacher:.3}, pruned student {ppl_student:.3}");
 
     let mut metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
+    let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(run_dir.join("tb"));
+    tb.add_scalar("eval/ppl", ppl_student as f32, 0);
     let bar = crate::cli::progress_bar("distill");
     bar.set_length(o.max_steps as u64);
     let started = std::time::Instant::now();
@@ -114,6 +117,20 @@ pub fn distill<B: AutodiffBackend>(
             "step": step + 1, "loss": loss_sum, "kd_loss": kd_sum, "ce_loss": ce_sum, "lr": lr,
             "grad_norm": grad_norm, "tokens_per_sec": tps,
         });
+        for (tag, key) in [
+            ("train/loss", "loss"),
+            ("train/kd_loss", "kd_loss"),
+            ("train/ce_loss", "ce_loss"),
+            ("train/lr", "lr"),
+            ("train/grad_norm", "grad_norm"),
+            ("train/tokens_per_sec", "tokens_per_sec"),
+        ] {
+            tb.add_scalar(
+                tag,
+                record[key].as_f64().unwrap_or(f64::NAN) as f32,
+                step + 1,
+            );
+        }
         if cfg.output.eval_every > 0
             && (step + 1) % cfg.output.eval_every == 0
             && step + 1 < o.max_steps
@@ -121,11 +138,14 @@ pub fn distill<B: AutodiffBackend>(
             let ppl = eval(&lm.valid(), &eval_rope)?;
             bar.println(format!("step {}: held-out ppl {ppl:.3}", step + 1));
             record["eval_ppl"] = ppl.into();
+            tb.add_scalar("eval/ppl", ppl as f32, step + 1);
         }
         writeln!(metrics, "{record}")?;
     }
     bar.finish_and_clear();
     let ppl_recovered = eval(&lm.valid(), &eval_rope)?;
+    tb.add_scalar("eval/ppl", ppl_recovered as f32, o.max_steps);
+    tb.flush();
     eprintln!("held-out ppl: teacher {ppl_teacher:.3}, pruned {ppl_student:.3}, recovered {ppl_recovered:.3}");
 
     let adapter = run_dir.join("adapter");
