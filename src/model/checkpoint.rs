@@ -167,15 +167,13 @@ impl Checkpoint {
                 info.shape
             );
         }
-        let dtype = match info.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::BF16 => DType::BF16,
-            Dtype::F16 => DType::F16,
-            other => bail!(
-                "{}: tensor {name} has dtype {other:?}, expected F32, BF16 or F16",
-                shard.path.display()
-            ),
-        };
+        let dtype = float_dtype(info.dtype).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor {name} has dtype {:?}, expected F32, BF16 or F16",
+                shard.path.display(),
+                info.dtype
+            )
+        })?;
         let (start, end) = info.data_offsets;
         let base = 8 + shard.header_len;
         let bytes = shard.map[base + start..base + end].to_vec();
@@ -217,6 +215,16 @@ impl Checkpoint {
                 many.len()
             ),
         }
+    }
+}
+
+/// The burn dtype of a safetensors float dtype laco-train reads and writes (F32, BF16, F16).
+pub fn float_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F16 => Some(DType::F16),
+        _ => None,
     }
 }
 

@@ -3,7 +3,10 @@
 //! the source directory (tokenizer, generation config, chat template) copied. Tensors are pulled
 //! from the device one at a time while the file is written, so the host never holds a full copy.
 
-use super::{checkpoint::INDEX_FILE, checkpoint::SINGLE_FILE, CausalLm};
+use super::{
+    checkpoint::{float_dtype, INDEX_FILE, SINGLE_FILE},
+    CausalLm,
+};
 use anyhow::{anyhow, Context, Result};
 use burn::tensor::{backend::Backend, DType, Tensor};
 use safetensors::{Dtype, View};
@@ -27,12 +30,7 @@ impl<B: Backend> Weight<B> {
 
 /// Storage dtype of the written safetensors.
 pub fn storage_dtype(dtype: Dtype) -> Result<DType> {
-    match dtype {
-        Dtype::F32 => Ok(DType::F32),
-        Dtype::BF16 => Ok(DType::BF16),
-        Dtype::F16 => Ok(DType::F16),
-        other => Err(anyhow!("cannot write weights as {other:?}")),
-    }
+    float_dtype(dtype).ok_or_else(|| anyhow!("cannot write weights as {dtype:?}"))
 }
 
 /// A weight converted to the storage dtype only when safetensors asks for its bytes.
