@@ -9,7 +9,10 @@ use crate::data::batch::{tokenize, Batch, Sequence};
 use crate::data::instruct::read_examples;
 use crate::eval::ppl::perplexity;
 use crate::model::lora::{attach_new, save_adapter};
-use crate::model::{chunk::rows_per_chunk, CausalLm, Pretrained, Rope};
+use crate::model::{
+    chunk::{predicting_rows, rows_per_chunk},
+    CausalLm, Pretrained, Rope,
+};
 use anyhow::{bail, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
@@ -113,23 +116,19 @@ pub fn distill<B: AutodiffBackend>(
             "loss {loss_sum:.4} kd {kd_sum:.4} ce {ce_sum:.4} {tps:.0} tok/s"
         ));
         bar.inc(1);
-        let mut record = serde_json::json!({
-            "step": step + 1, "loss": loss_sum, "kd_loss": kd_sum, "ce_loss": ce_sum, "lr": lr,
-            "grad_norm": grad_norm, "tokens_per_sec": tps,
-        });
-        for (tag, key) in [
-            ("train/loss", "loss"),
-            ("train/kd_loss", "kd_loss"),
-            ("train/ce_loss", "ce_loss"),
-            ("train/lr", "lr"),
-            ("train/grad_norm", "grad_norm"),
-            ("train/tokens_per_sec", "tokens_per_sec"),
-        ] {
-            tb.add_scalar(
-                tag,
-                record[key].as_f64().unwrap_or(f64::NAN) as f32,
-                step + 1,
-            );
+        // One list feeds both logs: metrics.jsonl keys, TensorBoard tags train/<key>.
+        let scalars = [
+            ("loss", loss_sum),
+            ("kd_loss", kd_sum),
+            ("ce_loss", ce_sum),
+            ("lr", lr),
+            ("grad_norm", grad_norm),
+            ("tokens_per_sec", tps),
+        ];
+        let mut record = serde_json::json!({ "step": step + 1 });
+        for (key, value) in scalars {
+            record[key] = value.into();
+            tb.add_scalar(&format!("train/{key}"), value as f32, step + 1);
         }
         if cfg.output.eval_every > 0
             && (step + 1) % cfg.output.eval_every == 0
@@ -174,10 +173,9 @@ fn loss_step<B: AutodiffBackend>(
     cfg: &DistillConfig,
     count: usize,
 ) -> (Tensor<B, 1>, f64, f64) {
-    let [b, s] = batch.ids.dims();
-    let rows = b * (s - 1);
-    let hidden = lm.hidden(batch.ids.clone(), rope, batch.padding.as_ref(), None, None);
-    let hidden = hidden.narrow(1, 0, s - 1).reshape([rows, lm.hidden_size()]);
+    let hidden =
+        predicting_rows(lm.hidden(batch.ids.clone(), rope, batch.padding.as_ref(), None, None));
+    let rows = hidden.dims()[0];
     let t_padding = batch.padding.clone().map(|p| p.inner());
     let t_hidden = teacher.lm.hidden(
         batch.ids.clone().inner(),
@@ -186,9 +184,7 @@ fn loss_step<B: AutodiffBackend>(
         None,
         None,
     );
-    let t_hidden = t_hidden
-        .narrow(1, 0, s - 1)
-        .reshape([rows, teacher.lm.hidden_size()]);
+    let t_hidden = predicting_rows(t_hidden);
     let chunk = rows_per_chunk(teacher.config.vocab_size);
     let sums = chunked_kd(
         rows,

@@ -3,7 +3,7 @@
 //! `window - 1` tokens; ppl = exp(mean NLL).
 
 use crate::model::{
-    chunk::{row_chunks, rows_per_chunk},
+    chunk::{predicting_rows, row_chunks, rows_per_chunk},
     CausalLm, Rope,
 };
 use anyhow::{bail, Result};
@@ -55,11 +55,8 @@ pub fn perplexity<B: Backend>(
             .collect();
         let ids =
             Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [group.len(), len]), &device);
-        let hidden = lm.hidden(ids.clone(), rope, None, None, None);
+        let hidden = predicting_rows(lm.hidden(ids.clone(), rope, None, None, None));
         let rows = group.len() * (len - 1);
-        let hidden = hidden
-            .narrow(1, 0, len - 1)
-            .reshape([rows, lm.hidden_size()]);
         let targets = ids.narrow(1, 1, len - 1).reshape([rows]);
         for r in row_chunks(rows, rows_per_chunk(vocab)) {
             let logits = lm.logits_2d(hidden.clone().slice(r.clone()));

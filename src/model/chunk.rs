@@ -2,6 +2,7 @@
 //! gigabytes. Every consumer of logits (perplexity, log-likelihoods, distillation losses) runs
 //! the lm_head over row chunks of at most [`CHUNK_ELEMENTS`] logits instead.
 
+use burn::tensor::{backend::Backend, Tensor};
 use std::ops::Range;
 
 /// Logit elements per chunk: 4M f32 = 16 MiB, small enough for the allocator to reuse.
@@ -18,6 +19,13 @@ pub fn row_chunks(rows: usize, step: usize) -> impl Iterator<Item = Range<usize>
     (0..rows)
         .step_by(step)
         .map(move |s| s..(s + step).min(rows))
+}
+
+/// The hidden states that predict a next token: positions 0..seq-1 of `[batch, seq, hidden]`
+/// flattened to `[batch * (seq - 1), hidden]` rows, row by row aligned with ids 1..seq.
+pub fn predicting_rows<B: Backend>(hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [b, s, h] = hidden.dims();
+    hidden.narrow(1, 0, s - 1).reshape([b * (s - 1), h])
 }
 
 #[cfg(test)]
