@@ -1,22 +1,46 @@
-//! `laco-train eval`: perplexity on a text file.
+//! `laco-train eval`: perplexity on a text file, MMLU few-shot, and zero-shot PIQA, BoolQ and
+//! HellaSwag, scored as lm-evaluation-harness scores them.
 
 use super::{print_json, progress_bar, Common, ModelArgs};
 use crate::device::{dispatch, Job};
+use crate::eval::choice::{score, write_samples, Accuracy, Question};
 use crate::eval::ppl::perplexity;
+use crate::eval::{mmlu, zero_shot};
+use crate::model::Pretrained;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+/// The real MMLU bundled with laco-train (cais/mmlu layout), used when `--data` is not given.
+pub const BUNDLED_MMLU: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/datasets/mmlu");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Task {
     /// Perplexity of --text in non-overlapping windows.
     Ppl,
+    /// MMLU, few-shot from the dev split, accuracy per subject, category and overall.
+    Mmlu,
+    /// PIQA zero-shot (acc, acc_norm).
+    Piqa,
+    /// BoolQ zero-shot (acc).
+    Boolq,
+    /// HellaSwag zero-shot (acc, acc_norm).
+    Hellaswag,
 }
 
-/// Evaluate a model. --task ppl: the first --max-tokens tokens of --text (no BOS added), cut into
-/// non-overlapping windows of --window tokens; each window predicts its last window-1 tokens;
-/// ppl = exp(mean NLL).
+/// Evaluate a model.
+///
+/// --task ppl: the first --max-tokens tokens of --text (no BOS added), cut into non-overlapping
+/// windows of --window tokens; each window predicts its last window-1 tokens; ppl = exp(mean NLL).
+///
+/// --task mmlu: lm-evaluation-harness's mmlu prompt (description, --shots dev questions of the
+/// subject, the test question, "Answer:") and the log-likelihood of " A".." D"; --data is a
+/// cais/mmlu directory (all/dev-*.parquet, all/test-*.parquet), by default the bundled copy.
+///
+/// --task piqa|boolq|hellaswag: lm-eval's zero-shot prompts; --data is a Parquet file in the
+/// Hugging Face layout (ybisk/piqa, google/boolq, Rowan/hellaswag) or a directory holding its
+/// *validation*.parquet.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     #[arg(long, value_enum)]
@@ -32,7 +56,23 @@ pub struct EvalArgs {
     /// Use only the first N tokens of the file (ppl); default: all.
     #[arg(long)]
     pub max_tokens: Option<usize>,
-    /// Windows per forward pass.
+    /// Dataset: a cais/mmlu directory (mmlu; default: the bundled one) or a Parquet file or
+    /// directory (piqa, boolq, hellaswag).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Few-shot examples per MMLU question, the subject's first dev questions.
+    #[arg(long, default_value_t = 5)]
+    pub shots: usize,
+    /// Only these MMLU subjects, comma-separated (e.g. abstract_algebra,anatomy).
+    #[arg(long, value_delimiter = ',')]
+    pub subjects: Vec<String>,
+    /// The first N test questions of each MMLU subject, or of the zero-shot task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Write one JSON line per question (subject, question, loglik, pred, answer) to FILE.
+    #[arg(long)]
+    pub log_samples: Option<PathBuf>,
+    /// Windows (ppl) or questions (the others) per forward pass.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     #[command(flatten)]
@@ -43,6 +83,18 @@ impl Job for EvalArgs {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let pre = self.model.load::<B>(&device)?;
+        match self.task {
+            Task::Ppl => self.ppl(pre),
+            Task::Mmlu => self.mmlu(pre),
+            Task::Piqa => self.zero_shot(pre, zero_shot::Task::Piqa),
+            Task::Boolq => self.zero_shot(pre, zero_shot::Task::Boolq),
+            Task::Hellaswag => self.zero_shot(pre, zero_shot::Task::Hellaswag),
+        }
+    }
+}
+
+impl EvalArgs {
+    fn ppl<B: Backend>(self, pre: Pretrained<B>) -> Result<()> {
         let path = self.text.expect("checked in run");
         let text = crate::data::read_text(&path)?;
         let mut ids = pre.tokenizer.encode(&text)?;
@@ -76,12 +128,99 @@ impl Job for EvalArgs {
         }
         Ok(())
     }
+
+    fn mmlu<B: Backend>(self, pre: Pretrained<B>) -> Result<()> {
+        let dir = self
+            .data
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(BUNDLED_MMLU));
+        let selection = mmlu::Selection {
+            shots: self.shots,
+            subjects: self.subjects.clone(),
+            limit: self.limit,
+        };
+        let questions = mmlu::load(&dir, &selection)?;
+        let (scored, per_sec) = self.scored(&pre, &questions, "mmlu")?;
+        let report = mmlu::report(&questions, &scored);
+        print!("{}", report.table());
+        if self.common.json {
+            let mut v = serde_json::to_value(&report).expect("report serialises");
+            v["task"] = "mmlu".into();
+            v["shots"] = self.shots.into();
+            v["questions_per_sec"] = per_sec.into();
+            print_json(&v);
+        }
+        Ok(())
+    }
+
+    fn zero_shot<B: Backend>(self, pre: Pretrained<B>, task: zero_shot::Task) -> Result<()> {
+        let data = self.data.clone().expect("checked in run");
+        let questions = zero_shot::load(task, &data, self.limit)?;
+        let (scored, per_sec) = self.scored(&pre, &questions, task.name())?;
+        let (mut acc, mut acc_norm) = (Accuracy::default(), Accuracy::default());
+        for (q, s) in questions.iter().zip(&scored) {
+            acc.add(s.pred == q.answer);
+            acc_norm.add(s.pred_norm == q.answer);
+        }
+        let mut line = format!("{}  acc {:.4}", task.name(), acc.value());
+        let mut v = serde_json::json!({
+            "task": task.name(), "acc": acc.value(), "questions": acc.total,
+            "questions_per_sec": per_sec,
+        });
+        if task.has_acc_norm() {
+            line.push_str(&format!("  acc_norm {:.4}", acc_norm.value()));
+            v["acc_norm"] = acc_norm.value().into();
+        }
+        println!("{line}  questions {}", acc.total);
+        if self.common.json {
+            print_json(&v);
+        }
+        Ok(())
+    }
+
+    /// Scores `questions` under a progress bar, writes --log-samples, returns questions/s.
+    fn scored<B: Backend>(
+        &self,
+        pre: &Pretrained<B>,
+        questions: &[Question],
+        label: &str,
+    ) -> Result<(Vec<crate::eval::choice::Scored>, f64)> {
+        let bar = progress_bar(label);
+        bar.set_length(questions.len() as u64);
+        let started = std::time::Instant::now();
+        let scored = score(
+            &pre.lm,
+            &pre.rope,
+            &pre.tokenizer,
+            pre.config.max_length,
+            questions,
+            self.batch_size.max(1),
+            &bar,
+        )?;
+        bar.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64();
+        let per_sec = questions.len() as f64 / secs;
+        eprintln!(
+            "{label}: {} questions in {secs:.1}s ({per_sec:.2} questions/s)",
+            questions.len()
+        );
+        if let Some(path) = &self.log_samples {
+            write_samples(path, questions, &scored)?;
+        }
+        Ok((scored, per_sec))
+    }
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
     match args.task {
         Task::Ppl if args.text.is_none() => bail!("--task ppl needs --text FILE"),
-        Task::Ppl => {}
+        Task::Piqa | Task::Boolq | Task::Hellaswag if args.data.is_none() => {
+            bail!(
+                "--task {} needs --data FILE|DIR (its Hugging Face Parquet)",
+                args.task.to_possible_value().expect("named").get_name()
+            )
+        }
+        _ => {}
     }
     let common = args.common.clone();
     dispatch(common.device, common.dtype, args)

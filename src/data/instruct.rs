@@ -3,9 +3,8 @@
 //! `system_prompt`, `question`, `response`) and plain `text`. Files are read row group by row
 //! group, never whole.
 
-use anyhow::{anyhow, bail, Context, Result};
-use arrow_array::{Array, LargeStringArray, RecordBatch, StringArray};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use super::parquet::ParquetRows;
+use anyhow::{bail, Result};
 use std::path::Path;
 
 /// The Stanford Alpaca prompt with an input.
@@ -53,10 +52,10 @@ pub fn detect(columns: &[String], path: &Path) -> Result<Format> {
 }
 
 impl Format {
-    fn example(self, get: &impl Fn(&str) -> String) -> Example {
+    fn example(self, get: &impl Fn(&str) -> Result<String>) -> Result<Example> {
         match self {
             Format::Alpaca => {
-                let (instruction, input) = (get("instruction"), get("input"));
+                let (instruction, input) = (get("instruction")?, get("input")?);
                 let template = if input.trim().is_empty() {
                     ALPACA_NO_INPUT
                 } else {
@@ -65,77 +64,39 @@ impl Format {
                 let prompt = template
                     .replace("{instruction}", &instruction)
                     .replace("{input}", &input);
-                Example {
+                Ok(Example {
                     prompt,
-                    response: get("output"),
-                }
+                    response: get("output")?,
+                })
             }
             Format::OpenOrca => {
-                let system = get("system_prompt");
-                let question = get("question");
+                let system = get("system_prompt")?;
+                let question = get("question")?;
                 let prompt = if system.trim().is_empty() {
                     format!("{question}\n\n")
                 } else {
                     format!("{system}\n\n{question}\n\n")
                 };
-                Example {
+                Ok(Example {
                     prompt,
-                    response: get("response"),
-                }
+                    response: get("response")?,
+                })
             }
-            Format::Text => Example {
+            Format::Text => Ok(Example {
                 prompt: String::new(),
-                response: get("text"),
-            },
+                response: get("text")?,
+            }),
         }
     }
 }
 
 /// Reads `path` row group by row group, calling `each` per example until it returns false.
 pub fn read_examples(path: &Path, mut each: impl FnMut(Example) -> bool) -> Result<Format> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| anyhow!("{}: not a Parquet file ({e})", path.display()))?;
-    let columns: Vec<String> = builder
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    let format = detect(&columns, path)?;
-    if builder.metadata().file_metadata().num_rows() == 0 {
-        bail!("{}: has no rows", path.display());
-    }
-    let reader = builder
-        .with_batch_size(1024)
-        .build()
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    for batch in reader {
-        let batch = batch.map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        for row in 0..batch.num_rows() {
-            let get = |c: &str| string_at(&batch, c, row);
-            if !each(format.example(&get)) {
-                return Ok(format);
-            }
-        }
-    }
+    let rows = ParquetRows::open(path)?;
+    let format = detect(rows.columns(), path)?;
+    rows.for_each(|row| {
+        let get = |c: &str| row.string(c);
+        Ok(each(format.example(&get)?))
+    })?;
     Ok(format)
-}
-
-/// The string in column `name` at `row`; "" for nulls and absent columns.
-fn string_at(batch: &RecordBatch, name: &str, row: usize) -> String {
-    let Some(col) = batch.column_by_name(name) else {
-        return String::new();
-    };
-    if col.is_null(row) {
-        return String::new();
-    }
-    if let Some(a) = col.as_any().downcast_ref::<StringArray>() {
-        a.value(row).to_string()
-    } else if let Some(a) = col.as_any().downcast_ref::<LargeStringArray>() {
-        a.value(row).to_string()
-    } else {
-        String::new()
-    }
 }

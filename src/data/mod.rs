@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod instruct;
+pub mod parquet;
 pub mod text;
 
 pub use text::read_text;

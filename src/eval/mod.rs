@@ -1,3 +1,7 @@
 //! Evaluation tasks.
 
+pub mod choice;
+pub mod loglik;
+pub mod mmlu;
 pub mod ppl;
+pub mod zero_shot;

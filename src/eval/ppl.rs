@@ -75,13 +75,22 @@ pub fn perplexity<B: Backend>(
     })
 }
 
-/// Next-token NLL per row: logits `[n, vocab]` against target ids `[n]`, in f32:
-/// `logsumexp(logits) - logits[target]`, on 2-D views only.
+/// Next-token NLL per row: logits `[n, vocab]` against target ids `[n]`, in f32.
 pub fn token_nll<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
-    let logits = logits.cast(DType::F32);
     let n = logits.dims()[0];
+    token_logprobs(logits, targets.reshape([n, 1]))
+        .reshape([n])
+        .neg()
+}
+
+/// Log-probabilities of `k` target ids per row: logits `[n, vocab]`, targets `[n, k]` -> `[n, k]`,
+/// in f32 as `logits[target] - logsumexp(logits)`, on 2-D views only.
+pub fn token_logprobs<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 2> {
+    let logits = logits.cast(DType::F32);
     let max = logits.clone().max_dim(1);
     let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-    let picked = logits.gather(1, targets.reshape([n, 1]));
-    (lse - picked).reshape([n])
+    logits.gather(1, targets) - lse
 }

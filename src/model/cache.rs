@@ -4,6 +4,8 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 /// Per layer, keys and values seen so far, each `[batch, kv_heads, seq, head_dim]` after RoPE.
+/// Cloning is cheap (tensors are shared) and appending to a clone leaves the original as it was.
+#[derive(Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
 }
@@ -25,6 +27,23 @@ impl<B: Backend> KvCache<B> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// This cache (of batch 1) for `batch` rows that continue from the same positions.
+    pub fn repeat(&self, batch: usize) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|(k, v)| {
+                    (
+                        k.clone().repeat_dim(0, batch),
+                        v.clone().repeat_dim(0, batch),
+                    )
+                })
+            })
+            .collect();
+        Self { layers }
     }
 
     /// Appends this step's keys and values for `layer` and returns everything cached for it.

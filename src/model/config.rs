@@ -68,6 +68,9 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// The checkpoint's own dtype name ("bfloat16", "float32", ...), if the config gives one.
     pub dtype: Option<String>,
+    /// Longest sequence the model was trained on: `max_position_embeddings`, else 2048 (what
+    /// lm-evaluation-harness assumes); evaluation truncates prompts from the left to fit it.
+    pub max_length: usize,
 }
 
 impl HfConfig {
@@ -136,6 +139,7 @@ impl HfConfig {
             qkv_bias,
             o_bias,
             dtype: self.dtype.or(self.torch_dtype),
+            max_length: self.max_position_embeddings.unwrap_or(2048),
         })
     }
 }
