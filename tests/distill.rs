@@ -108,12 +108,37 @@ fn shortened_distill_recovers_perplexity_and_writes_a_peft_adapter() {
         "train/grad_norm",
         "train/tokens_per_sec",
         "eval/ppl",
+        "eval/mmlu_acc",
     ] {
         assert!(
             bytes.windows(tag.len()).any(|w| w == tag.as_bytes()),
             "{tag} in the event file"
         );
     }
+
+    // The final evaluation: perplexities as in the summary, MMLU on one question per subject for
+    // teacher, pruned and recovered, the teacher's equal to `eval --task mmlu --limit 1`.
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(eval["ppl"]["recovered"], s["ppl_recovered"]);
+    let mmlu = &eval["mmlu"];
+    for who in ["teacher", "pruned", "recovered"] {
+        assert_eq!(mmlu[who]["questions"], 57, "{who}");
+        assert_eq!(mmlu[who]["subjects"].as_object().unwrap().len(), 57);
+    }
+    let direct = Command::new(bin)
+        .args(["eval", "--task", "mmlu", "--limit", "1", "--json"])
+        .output()
+        .unwrap();
+    let direct: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&direct.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(mmlu["teacher"]["acc"], direct["acc"]);
+    assert_eq!(s["mmlu_teacher"], direct["acc"]);
 
     // A second run reuses the pruned student.
     let again = Command::new(bin)

@@ -12,9 +12,6 @@ use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
-/// The real MMLU bundled with laco-train (cais/mmlu layout), used when `--data` is not given.
-pub const BUNDLED_MMLU: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/datasets/mmlu");
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Task {
     /// Perplexity of --text in non-overlapping windows.
@@ -133,7 +130,7 @@ impl EvalArgs {
         let dir = self
             .data
             .clone()
-            .unwrap_or_else(|| PathBuf::from(BUNDLED_MMLU));
+            .unwrap_or_else(|| PathBuf::from(mmlu::BUNDLED));
         let selection = mmlu::Selection {
             shots: self.shots,
             subjects: self.subjects.clone(),

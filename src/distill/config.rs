@@ -96,6 +96,15 @@ pub struct OutputSection {
     pub eval_every: usize,
     #[serde(default = "d_eval_tokens")]
     pub eval_tokens: usize,
+    /// MMLU questions per subject at every evaluation (eval/mmlu_acc) and in RUN_DIR/eval.json;
+    /// 0 skips MMLU.
+    #[serde(default)]
+    pub mmlu_limit: usize,
+    /// A cais/mmlu directory; default: the bundled datasets/mmlu.
+    #[serde(default)]
+    pub mmlu_data: Option<PathBuf>,
+    #[serde(default = "d_mmlu_shots")]
+    pub mmlu_shots: usize,
 }
 
 fn d_max_seq_len() -> usize {
@@ -109,6 +118,9 @@ fn d_eval_every() -> usize {
 }
 fn d_eval_tokens() -> usize {
     4096
+}
+fn d_mmlu_shots() -> usize {
+    5
 }
 
 impl DistillConfig {
@@ -137,6 +149,10 @@ impl DistillConfig {
         abs(&mut cfg.model.base);
         cfg.data.files.iter_mut().for_each(abs);
         abs(&mut cfg.output.eval_text);
+        abs(&mut cfg.output.run_dir);
+        if let Some(m) = cfg.output.mmlu_data.as_mut() {
+            abs(m);
+        }
         if let Some(c) = cfg.laco.calibration.as_mut() {
             abs(c);
         }

@@ -2,12 +2,12 @@
 //! teacher's next-token distributions on instruction data. Reads top to bottom: setup, then
 //! per step: learning rate, micro-batches (both forwards, chunked loss, backward), global-norm
 //! clip, AdamW step, logging (TensorBoard under RUN_DIR/tb and metrics.jsonl), periodic held-out
-//! perplexity; finally the PEFT adapter.
+//! perplexity and MMLU; finally RUN_DIR/eval.json and the PEFT adapter.
 
-use super::{config::DistillConfig, loss::chunked_kd};
+use super::{config::DistillConfig, evaluate::HeldOut, loss::chunked_kd};
 use crate::data::batch::{tokenize, Batch, Sequence};
 use crate::data::instruct::read_examples;
-use crate::eval::ppl::perplexity;
+use crate::eval::mmlu::Report;
 use crate::model::lora::{attach_new, save_adapter};
 use crate::model::{
     chunk::{predicting_rows, rows_per_chunk},
@@ -32,6 +32,9 @@ pub struct Summary {
     pub ppl_teacher: f64,
     pub ppl_student: f64,
     pub ppl_recovered: f64,
+    pub mmlu_teacher: Option<f64>,
+    pub mmlu_pruned: Option<f64>,
+    pub mmlu_recovered: Option<f64>,
     pub tokens_per_sec: f64,
 }
 
@@ -64,25 +67,27 @@ pub fn distill<B: AutodiffBackend>(
         .with_epsilon(o.eps as f32)
         .with_weight_decay(o.weight_decay as f32)
         .init();
-    let eval_ids = {
-        let text = crate::data::read_text(&cfg.output.eval_text)?;
-        let mut ids = student.tokenizer.encode(&text)?;
-        ids.truncate(cfg.output.eval_tokens);
-        ids
-    };
-    let eval = |lm: &CausalLm<B::InnerBackend>, rope: &Rope<B::InnerBackend>| -> Result<f64> {
-        let quiet = indicatif::ProgressBar::hidden();
-        Ok(perplexity(lm, rope, &eval_ids, 256, 4, &quiet)?.ppl)
-    };
+    let held_out = HeldOut::load(&cfg.output, &student.tokenizer, student.config.max_length)?;
     let eval_rope =
         Rope::<B::InnerBackend>::new(student.config.head_dim, student.config.rope_theta, device);
-    let ppl_teacher = eval(&teacher.lm, &teacher.rope)?;
-    let ppl_student = eval(&lm.valid(), &eval_rope)?;
+    let ppl_teacher = held_out.ppl(&teacher.lm, &teacher.rope)?;
+    let ppl_student = held_out.ppl(&lm.valid(), &eval_rope)?;
     eprintln!("held-out ppl: teacher {ppl_teacher:.3}, pruned student {ppl_student:.3}");
+    let mmlu_teacher = held_out.mmlu(&teacher.lm, &teacher.rope)?;
+    let mmlu_student = held_out.mmlu(&lm.valid(), &eval_rope)?;
+    if let (Some(t), Some(s)) = (&mmlu_teacher, &mmlu_student) {
+        eprintln!(
+            "MMLU ({} questions): teacher {:.4}, pruned student {:.4}",
+            t.questions, t.acc, s.acc
+        );
+    }
 
     let mut metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
     let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(run_dir.join("tb"));
     tb.add_scalar("eval/ppl", ppl_student as f32, 0);
+    if let Some(m) = &mmlu_student {
+        tb.add_scalar("eval/mmlu_acc", m.acc as f32, 0);
+    }
     let bar = crate::cli::progress_bar("distill");
     bar.set_length(o.max_steps as u64);
     let started = std::time::Instant::now();
@@ -134,18 +139,51 @@ pub fn distill<B: AutodiffBackend>(
             && (step + 1) % cfg.output.eval_every == 0
             && step + 1 < o.max_steps
         {
-            let ppl = eval(&lm.valid(), &eval_rope)?;
+            let valid = lm.valid();
+            let ppl = held_out.ppl(&valid, &eval_rope)?;
             bar.println(format!("step {}: held-out ppl {ppl:.3}", step + 1));
             record["eval_ppl"] = ppl.into();
             tb.add_scalar("eval/ppl", ppl as f32, step + 1);
+            if let Some(m) = held_out.mmlu(&valid, &eval_rope)? {
+                bar.println(format!("step {}: MMLU {:.4}", step + 1, m.acc));
+                record["eval_mmlu_acc"] = m.acc.into();
+                tb.add_scalar("eval/mmlu_acc", m.acc as f32, step + 1);
+            }
         }
         writeln!(metrics, "{record}")?;
     }
     bar.finish_and_clear();
-    let ppl_recovered = eval(&lm.valid(), &eval_rope)?;
+    let valid = lm.valid();
+    let ppl_recovered = held_out.ppl(&valid, &eval_rope)?;
     tb.add_scalar("eval/ppl", ppl_recovered as f32, o.max_steps);
+    let mmlu_recovered = held_out.mmlu(&valid, &eval_rope)?;
+    if let Some(m) = &mmlu_recovered {
+        tb.add_scalar("eval/mmlu_acc", m.acc as f32, o.max_steps);
+    }
     tb.flush();
     eprintln!("held-out ppl: teacher {ppl_teacher:.3}, pruned {ppl_student:.3}, recovered {ppl_recovered:.3}");
+    let mmlu_acc = |m: &Option<Report>| m.as_ref().map(|m| m.acc);
+    if let Some(m) = &mmlu_recovered {
+        eprintln!(
+            "MMLU: teacher {:.4}, pruned {:.4}, recovered {:.4}",
+            mmlu_acc(&mmlu_teacher).unwrap_or(f64::NAN),
+            mmlu_acc(&mmlu_student).unwrap_or(f64::NAN),
+            m.acc
+        );
+    }
+    let eval = serde_json::json!({
+        "step": o.max_steps,
+        "ppl": {"text": cfg.output.eval_text, "tokens": cfg.output.eval_tokens,
+                "teacher": ppl_teacher, "pruned": ppl_student, "recovered": ppl_recovered},
+        "mmlu": mmlu_recovered.as_ref().map(|_| serde_json::json!({
+            "limit_per_subject": cfg.output.mmlu_limit, "shots": cfg.output.mmlu_shots,
+            "teacher": mmlu_teacher, "pruned": mmlu_student, "recovered": mmlu_recovered,
+        })),
+    });
+    std::fs::write(
+        run_dir.join("eval.json"),
+        serde_json::to_string_pretty(&eval)? + "\n",
+    )?;
 
     let adapter = run_dir.join("adapter");
     std::fs::create_dir_all(&adapter)?;
@@ -159,6 +197,9 @@ pub fn distill<B: AutodiffBackend>(
         ppl_teacher,
         ppl_student,
         ppl_recovered,
+        mmlu_teacher: mmlu_acc(&mmlu_teacher),
+        mmlu_pruned: mmlu_acc(&mmlu_student),
+        mmlu_recovered: mmlu_acc(&mmlu_recovered),
         tokens_per_sec: tokens as f64 / started.elapsed().as_secs_f64(),
     })
 }

@@ -10,6 +10,9 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The real MMLU bundled with laco-train (cais/mmlu layout), used when no directory is given.
+pub const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/datasets/mmlu");
+
 pub const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
 /// lm-eval's four MMLU groups.
