@@ -2,7 +2,8 @@
 
 use super::{model_dir, print_json, progress_bar, Common};
 use crate::device::{dispatch, Job};
-use crate::model::{save::save_pretrained, ModelConfig, Pretrained};
+use crate::model::save::{read_config, save_pretrained};
+use crate::model::{ModelConfig, Pretrained};
 use crate::prune::{collapse, settings::LacoTable, Calibration, LacoSettings, MergeMode, Step};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
@@ -166,16 +167,13 @@ pub fn prune_into<B: Backend>(
     });
     bar.finish_and_clear();
 
-    let tmp = temporary_sibling(out);
-    let write = || -> Result<serde_json::Value> {
-        std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let report = super::write_dir_atomically(out, |tmp| {
         let config = pruned_config(model, &pruned.origin)?;
         save_pretrained(
             &pruned.lm,
             &config,
             model,
-            &tmp,
+            tmp,
             pre.storage.dtype,
             pre.storage.shards,
         )?;
@@ -194,19 +192,8 @@ pub fn prune_into<B: Backend>(
             tmp.join("laco_report.json"),
             serde_json::to_string_pretty(&report)? + "\n",
         )?;
-        if out.exists() {
-            std::fs::remove_dir_all(out)
-                .with_context(|| format!("{}: cannot replace", out.display()))?;
-        }
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("{}: cannot move into place", out.display()))?;
         Ok(report)
-    };
-    let result = write();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    let report = result?;
+    })?;
     eprintln!(
         "pruned {n} -> {} layers into {} ({:.1}s)",
         pruned.lm.num_layers(),
@@ -229,20 +216,9 @@ fn describe(step: &Step) -> String {
     }
 }
 
-/// `{out}.tmp-{pid}` beside `out`, so the final rename stays on one file system.
-fn temporary_sibling(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
 /// The source config.json with num_hidden_layers (and layer_types) for the kept layers.
 fn pruned_config(source: &Path, origin: &[Vec<usize>]) -> Result<serde_json::Value> {
-    let path = source.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut config = read_config(source)?;
     config["num_hidden_layers"] = origin.len().into();
     if let Some(types) = config
         .get("layer_types")
@@ -321,12 +297,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
         .as_ref()
         .map_or("laco settings".to_string(), |p| p.display().to_string());
     settings.validate(config.num_hidden_layers, &origin)?;
-    if args.out.exists() && !args.force {
-        bail!(
-            "{}: already exists (use --force to replace it)",
-            args.out.display()
-        );
-    }
+    super::refuse_existing(&args.out, args.force)?;
     let calibration = calibration_lines(&settings)?;
     let common = args.common.clone();
     dispatch(

@@ -160,6 +160,29 @@ pub fn load_adapter<B: Backend>(
     Ok(cfg)
 }
 
+/// Folds every adapter of `lm` into its projection, W' = W + scaling x (B A), and removes the
+/// adapter, as PEFT's `merge_and_unload` does: the forward pass then gives the same logits
+/// without it. The sum is computed in f32 and stored in W's dtype. Returns the number of
+/// projections merged.
+pub fn merge_adapters<B: Backend>(lm: &mut CausalLm<B>) -> usize {
+    let f32 = |t: Tensor<B, 2>| t.cast(burn::tensor::FloatDType::F32);
+    let mut merged = 0;
+    for (_, linear) in lm.linears_mut() {
+        let Some(lora) = linear.lora.take() else {
+            continue;
+        };
+        let delta = f32(lora.lora_b.val())
+            .matmul(f32(lora.lora_a.val()))
+            .mul_scalar(lora.scaling);
+        linear.weight = linear.weight.clone().map(|w| {
+            let dtype = w.dtype();
+            (f32(w) + delta).cast(dtype)
+        });
+        merged += 1;
+    }
+    merged
+}
+
 /// What to train: rank, alpha, dropout and target projections (PEFT's meanings).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

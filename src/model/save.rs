@@ -60,9 +60,38 @@ impl<B: Backend> View for LazyWeight<'_, B> {
     }
 }
 
+/// The source directory's config.json, to be updated and passed to [`save_pretrained`].
+pub fn read_config(source: &Path) -> Result<serde_json::Value> {
+    let path = source.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// Sets config.json's `dtype` and `torch_dtype` (whichever it has; `torch_dtype`, which
+/// transformers 4 and 5 both read, when it has neither) to transformers' name of `dtype`.
+fn set_config_dtype(config: &mut serde_json::Value, dtype: Dtype) {
+    let name = match dtype {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    };
+    let mut named = false;
+    for key in ["dtype", "torch_dtype"] {
+        if let Some(v) = config.get_mut(key) {
+            *v = name.into();
+            named = true;
+        }
+    }
+    if !named {
+        config["torch_dtype"] = name.into();
+    }
+}
+
 /// Writes `lm` into `out` (which must exist and be empty) as a Hugging Face directory.
 ///
-/// - `config`: the config.json to write (the caller updates what changed)
+/// - `config`: the config.json to write (the caller updates what changed); its `dtype` and
+///   `torch_dtype` are set to `dtype` (`torch_dtype` added when it has neither)
 /// - `source`: the directory whose non-weight files are copied
 /// - `dtype`: storage dtype; `shards`: number of files (1 writes `model.safetensors`)
 pub fn save_pretrained<B: Backend>(
@@ -75,7 +104,9 @@ pub fn save_pretrained<B: Backend>(
 ) -> Result<()> {
     storage_dtype(dtype)?;
     copy_side_files(source, out)?;
-    let config_text = serde_json::to_string_pretty(config).expect("JSON values serialise");
+    let mut config = config.clone();
+    set_config_dtype(&mut config, dtype);
+    let config_text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
     std::fs::write(out.join("config.json"), config_text + "\n")
         .with_context(|| format!("{}: cannot write", out.join("config.json").display()))?;
 
@@ -176,7 +207,24 @@ fn copy_side_files(source: &Path, out: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_evenly;
+    use super::{set_config_dtype, split_evenly};
+    use safetensors::Dtype;
+
+    #[test]
+    fn config_dtype_names_the_written_dtype() {
+        let mut c = serde_json::json!({"dtype": "float32", "torch_dtype": "float32"});
+        set_config_dtype(&mut c, Dtype::BF16);
+        assert_eq!(
+            c,
+            serde_json::json!({"dtype": "bfloat16", "torch_dtype": "bfloat16"})
+        );
+        let mut c = serde_json::json!({"dtype": "bfloat16"});
+        set_config_dtype(&mut c, Dtype::F16);
+        assert_eq!(c, serde_json::json!({"dtype": "float16"}));
+        let mut c = serde_json::json!({});
+        set_config_dtype(&mut c, Dtype::F32);
+        assert_eq!(c, serde_json::json!({"torch_dtype": "float32"}));
+    }
 
     #[test]
     fn shards_split_by_size_and_cover_everything() {
