@@ -7,12 +7,18 @@ use super::{
     Common,
 };
 use crate::device::{dispatch, Job};
-use crate::distill::{config::DistillConfig, trainer::distill};
+use crate::distill::checkpoint::{fingerprint, load_matching, locate};
+use crate::distill::config::DistillConfig;
+use crate::distill::trainer::{distill, Outcome, Run};
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::Args;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::flag;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 /// Train LoRA adapters on a pruned student so that it matches the teacher's next-token
 /// distributions (KD mixed with cross-entropy) on instruction data.
@@ -20,7 +26,9 @@ use std::path::PathBuf;
 /// Without --config, the embedded configs/tiny.toml runs on the bundled tiny Qwen3. Without
 /// --student, the base model of the config is pruned with its [laco] settings into
 /// RUN_DIR/student (reused on the next run). The adapter is written in PEFT's format to
-/// RUN_DIR/adapter; per-step metrics to RUN_DIR/metrics.jsonl.
+/// RUN_DIR/adapter; per-step metrics to RUN_DIR/metrics.jsonl and RUN_DIR/tb (TensorBoard);
+/// checkpoints to RUN_DIR/checkpoints (every checkpoint.every steps, at the end, and on
+/// SIGINT/SIGTERM, after which the run exits 0 and --resume continues it exactly).
 #[derive(Args, Debug)]
 pub struct DistillArgs {
     /// TOML config (see configs/); default: the embedded configs/tiny.toml.
@@ -41,6 +49,14 @@ pub struct DistillArgs {
     /// Parquet files (override data.files, with equal weights).
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
+    /// Continue from the newest complete checkpoint in RUN_DIR, or from the checkpoint
+    /// directory given. The config must match the checkpoint's (max_steps, eval and checkpoint
+    /// settings may change).
+    #[arg(long, num_args = 0..=1, value_name = "CHECKPOINT")]
+    pub resume: Option<Option<PathBuf>>,
+    /// Steps between checkpoints (overrides checkpoint.every; 0: only at the end).
+    #[arg(long)]
+    pub save_every: Option<usize>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -50,6 +66,7 @@ struct DistillJob {
     teacher: PathBuf,
     student: Option<PathBuf>,
     run_dir: PathBuf,
+    resume: Option<PathBuf>,
     json: bool,
 }
 
@@ -77,15 +94,41 @@ impl Job for DistillJob {
                 dir
             }
         };
-        let summary =
-            distill::<Autodiff<B>>(&self.cfg, &self.teacher, &student, &self.run_dir, &device)?;
-        let value = serde_json::to_value(&summary)?;
-        std::fs::write(
-            self.run_dir.join("summary.json"),
-            serde_json::to_string_pretty(&value)? + "\n",
-        )?;
-        if self.json {
-            print_json(&value);
+        // SIGINT/SIGTERM ask the loop to checkpoint and stop; a second one exits at once.
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM] {
+            flag::register_conditional_shutdown(signal, 130, stop.clone())?;
+            flag::register(signal, stop.clone())?;
+        }
+        let run = Run {
+            teacher: self.teacher,
+            student,
+            run_dir: self.run_dir.clone(),
+            resume: self.resume,
+            stop,
+        };
+        match distill::<Autodiff<B>>(&self.cfg, &run, &device)? {
+            Outcome::Finished(summary) => {
+                let value = serde_json::to_value(&summary)?;
+                std::fs::write(
+                    self.run_dir.join("summary.json"),
+                    serde_json::to_string_pretty(&value)? + "\n",
+                )?;
+                if self.json {
+                    print_json(&value);
+                }
+            }
+            Outcome::Interrupted { step, checkpoint } => {
+                eprintln!(
+                    "interrupted after step {step}; checkpoint {}. Resume with the same command plus --resume",
+                    checkpoint.display()
+                );
+                if self.json {
+                    print_json(&serde_json::json!({
+                        "interrupted": true, "step": step, "checkpoint": checkpoint,
+                    }));
+                }
+            }
         }
         Ok(())
     }
@@ -103,6 +146,9 @@ pub fn run(args: DistillArgs) -> Result<()> {
     if let Some(out) = &args.out {
         cfg.output.run_dir = out.clone();
     }
+    if let Some(n) = args.save_every {
+        cfg.checkpoint.every = n;
+    }
     cfg.validate("command line")?;
     let teacher = if args.teacher == "base" {
         cfg.model.base.clone()
@@ -115,11 +161,25 @@ pub fn run(args: DistillArgs) -> Result<()> {
         }
     }
     let run_dir = cfg.output.run_dir.clone();
+    // A resume that cannot continue fails here, before any model is loaded or pruned.
+    let resume = match &args.resume {
+        Some(explicit) => {
+            let dir = locate(&run_dir, explicit.as_deref())?;
+            let student = args
+                .student
+                .clone()
+                .unwrap_or_else(|| run_dir.join("student"));
+            load_matching(&dir, &fingerprint(&cfg, &teacher, &student)?)?;
+            Some(dir)
+        }
+        None => None,
+    };
     let job = DistillJob {
         cfg,
         teacher,
         student: args.student,
         run_dir,
+        resume,
         json: args.common.json,
     };
     dispatch(args.common.device, args.common.dtype, job)

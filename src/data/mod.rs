@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod instruct;
+pub mod mixture;
 pub mod parquet;
 pub mod text;
 

@@ -25,6 +25,26 @@ pub struct DistillConfig {
     #[serde(default)]
     pub optim: OptimSection,
     pub output: OutputSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Steps between checkpoints (0: only at the end and when interrupted).
+    pub every: usize,
+    /// How many of the newest checkpoints to keep.
+    pub keep: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            every: 100,
+            keep: 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

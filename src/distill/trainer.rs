@@ -4,29 +4,34 @@
 //! clip, AdamW step, logging (TensorBoard under RUN_DIR/tb and metrics.jsonl), periodic held-out
 //! perplexity and MMLU; finally RUN_DIR/eval.json and the PEFT adapter.
 
-use super::{config::DistillConfig, evaluate::HeldOut, loss::chunked_kd};
-use crate::data::batch::{tokenize, Batch, Sequence};
-use crate::data::instruct::read_examples;
+use super::checkpoint::{self, Optim, State};
+use super::{config::DistillConfig, evaluate::HeldOut, events, loss::chunked_kd};
+use crate::data::batch::Batch;
+use crate::data::mixture::Mixture;
 use crate::eval::mmlu::Report;
 use crate::model::lora::{attach_new, save_adapter};
 use crate::model::{
     chunk::{predicting_rows, rows_per_chunk},
     CausalLm, Pretrained, Rope,
 };
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, ElementConversion, Tensor};
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tensorboard_rs::summary_writer::SummaryWriter;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub student: PathBuf,
     pub teacher: PathBuf,
     pub adapter: PathBuf,
+    /// The final checkpoint (RUN_DIR/checkpoints/step-N).
+    pub checkpoint: Option<PathBuf>,
     pub steps: usize,
     pub final_loss: f64,
     pub ppl_teacher: f64,
@@ -38,14 +43,30 @@ pub struct Summary {
     pub tokens_per_sec: f64,
 }
 
-/// Runs the job; `run_dir` exists. Per-step metrics go to `run_dir/metrics.jsonl`.
+/// Where and how a run goes, beyond its config.
+pub struct Run {
+    pub teacher: PathBuf,
+    pub student: PathBuf,
+    pub run_dir: PathBuf,
+    /// The checkpoint to continue from (`--resume`).
+    pub resume: Option<PathBuf>,
+    /// Set by SIGINT/SIGTERM: finish the step, checkpoint, stop.
+    pub stop: Arc<AtomicBool>,
+}
+
+pub enum Outcome {
+    Finished(Summary),
+    Interrupted { step: usize, checkpoint: PathBuf },
+}
+
+/// Runs the job; `run.run_dir` exists. Per-step metrics go to RUN_DIR/metrics.jsonl and
+/// RUN_DIR/tb, checkpoints to RUN_DIR/checkpoints.
 pub fn distill<B: AutodiffBackend>(
     cfg: &DistillConfig,
-    teacher_dir: &Path,
-    student_dir: &Path,
-    run_dir: &Path,
+    run: &Run,
     device: &B::Device,
-) -> Result<Summary> {
+) -> Result<Outcome> {
+    let (teacher_dir, student_dir, run_dir) = (&run.teacher, &run.student, &run.run_dir);
     // Setup, in dependency order. The teacher runs on the inner backend: no graph, no gradients.
     let teacher = Pretrained::<B::InnerBackend>::load(teacher_dir, device)?;
     let student = Pretrained::<B>::load(student_dir, device)?;
@@ -57,11 +78,22 @@ pub fn distill<B: AutodiffBackend>(
             teacher_dir.display(), student_dir.display(), teacher.config.vocab_size, student.config.vocab_size
         );
     }
-    // The data depends on the student's tokenizer; the optimiser only sees the adapters.
+    let fingerprint = checkpoint::fingerprint(cfg, teacher_dir, student_dir)?;
+    let checkpoints = checkpoint::checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&checkpoints)
+        .with_context(|| format!("{}: cannot create", checkpoints.display()))?;
+    let resumed = match &run.resume {
+        Some(dir) => Some((dir.clone(), checkpoint::load_matching(dir, &fingerprint)?)),
+        None => None,
+    };
+    // The data depends on the student's tokenizer; the optimiser only sees the adapters. The
+    // backend's generator is seeded so adapter initialisation and dropout are reproducible.
+    let seed = cfg.data.seed;
     let mut data = Mixture::load(cfg, &student.tokenizer)?;
+    B::seed(device, seed);
     let mut lm = attach_new(student.lm.clone(), &cfg.lora, device);
     let o = &cfg.optim;
-    let mut optim = AdamWConfig::new()
+    let mut optim: Optim<B> = AdamWConfig::new()
         .with_beta_1(o.betas.0 as f32)
         .with_beta_2(o.betas.1 as f32)
         .with_epsilon(o.eps as f32)
@@ -70,29 +102,63 @@ pub fn distill<B: AutodiffBackend>(
     let held_out = HeldOut::load(&cfg.output, &student.tokenizer, student.config.max_length)?;
     let eval_rope =
         Rope::<B::InnerBackend>::new(student.config.head_dim, student.config.rope_theta, device);
-    let ppl_teacher = held_out.ppl(&teacher.lm, &teacher.rope)?;
-    let ppl_student = held_out.ppl(&lm.valid(), &eval_rope)?;
-    eprintln!("held-out ppl: teacher {ppl_teacher:.3}, pruned student {ppl_student:.3}");
-    let mmlu_teacher = held_out.mmlu(&teacher.lm, &teacher.rope)?;
-    let mmlu_student = held_out.mmlu(&lm.valid(), &eval_rope)?;
-    if let (Some(t), Some(s)) = (&mmlu_teacher, &mmlu_student) {
-        eprintln!(
-            "MMLU ({} questions): teacher {:.4}, pruned student {:.4}",
-            t.questions, t.acc, s.acc
-        );
-    }
+    let tb_dir = run_dir.join("tb");
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let (first_step, mut tokens, mut final_loss, mut adam_time, baseline) = match resumed {
+        Some((dir, state)) => {
+            data.seek(&state.data)
+                .map_err(|e| anyhow::anyhow!("--resume {}: {e}", dir.display()))?;
+            let records = checkpoint::restore(&dir, &state, &mut lm, device)?;
+            optim = optim.load_record(records);
+            checkpoint::restore_metrics(&dir, run_dir)?;
+            events::truncate_after(&tb_dir, state.step)?;
+            eprintln!("resuming from {} (step {})", dir.display(), state.step);
+            (
+                state.step,
+                state.tokens,
+                state.final_loss,
+                state.adam_time,
+                state.baseline,
+            )
+        }
+        None => {
+            let baseline = Baseline {
+                ppl_teacher: held_out.ppl(&teacher.lm, &teacher.rope)?,
+                ppl_student: held_out.ppl(&lm.valid(), &eval_rope)?,
+                mmlu_teacher: held_out.mmlu(&teacher.lm, &teacher.rope)?,
+                mmlu_student: held_out.mmlu(&lm.valid(), &eval_rope)?,
+            };
+            std::fs::File::create(&metrics_path)
+                .with_context(|| format!("{}: cannot create", metrics_path.display()))?;
+            (0, 0, f64::NAN, 0, serde_json::to_value(&baseline)?)
+        }
+    };
+    let baseline: Baseline = serde_json::from_value(baseline)?;
+    baseline.print();
 
-    let mut metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
-    let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(run_dir.join("tb"));
-    tb.add_scalar("eval/ppl", ppl_student as f32, 0);
-    if let Some(m) = &mmlu_student {
-        tb.add_scalar("eval/mmlu_acc", m.acc as f32, 0);
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("{}: cannot open", metrics_path.display()))?;
+    let mut tb = SummaryWriter::new(&tb_dir);
+    if first_step == 0 {
+        tb.add_scalar("eval/ppl", baseline.ppl_student as f32, 0);
+        if let Some(m) = &baseline.mmlu_student {
+            tb.add_scalar("eval/mmlu_acc", m.acc as f32, 0);
+        }
     }
     let bar = crate::cli::progress_bar("distill");
     bar.set_length(o.max_steps as u64);
+    bar.set_position(first_step as u64);
     let started = std::time::Instant::now();
-    let (mut tokens, mut final_loss) = (0usize, f64::NAN);
-    for step in 0..o.max_steps {
+    let tokens_before = tokens;
+    let mut saved_at = None;
+    for step in first_step..o.max_steps {
+        // Dropout masks depend on the step alone, so a resumed run draws the same ones.
+        B::seed(
+            device,
+            seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         let lr = cfg.lr_at(step);
         let micro: Vec<Batch<B>> = (0..o.grad_accum)
             .map(|_| data.batch(o.batch_size, device))
@@ -114,9 +180,10 @@ pub fn distill<B: AutodiffBackend>(
         let mut grads = acc.grads();
         let grad_norm = clip_global_norm(&mut lm, &mut grads, o.grad_clip);
         lm = optim.step(lr, lm, grads);
+        adam_time += 1;
 
         final_loss = loss_sum;
-        let tps = tokens as f64 / started.elapsed().as_secs_f64();
+        let tps = (tokens - tokens_before) as f64 / started.elapsed().as_secs_f64();
         bar.set_message(format!(
             "loss {loss_sum:.4} kd {kd_sum:.4} ce {ce_sum:.4} {tps:.0} tok/s"
         ));
@@ -135,22 +202,53 @@ pub fn distill<B: AutodiffBackend>(
             record[key] = value.into();
             tb.add_scalar(&format!("train/{key}"), value as f32, step + 1);
         }
-        if cfg.output.eval_every > 0
-            && (step + 1) % cfg.output.eval_every == 0
-            && step + 1 < o.max_steps
-        {
+        let done = step + 1;
+        if cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0 && done < o.max_steps {
             let valid = lm.valid();
             let ppl = held_out.ppl(&valid, &eval_rope)?;
-            bar.println(format!("step {}: held-out ppl {ppl:.3}", step + 1));
+            bar.println(format!("step {done}: held-out ppl {ppl:.3}"));
             record["eval_ppl"] = ppl.into();
-            tb.add_scalar("eval/ppl", ppl as f32, step + 1);
+            tb.add_scalar("eval/ppl", ppl as f32, done);
             if let Some(m) = held_out.mmlu(&valid, &eval_rope)? {
-                bar.println(format!("step {}: MMLU {:.4}", step + 1, m.acc));
+                bar.println(format!("step {done}: MMLU {:.4}", m.acc));
                 record["eval_mmlu_acc"] = m.acc.into();
-                tb.add_scalar("eval/mmlu_acc", m.acc as f32, step + 1);
+                tb.add_scalar("eval/mmlu_acc", m.acc as f32, done);
             }
         }
         writeln!(metrics, "{record}")?;
+        // Checkpoint when due, at the end, and when asked to stop.
+        let stop = run.stop.load(Ordering::SeqCst);
+        let every = cfg.checkpoint.every;
+        if stop || done == o.max_steps || (every > 0 && done % every == 0) {
+            tb.flush();
+            metrics.flush()?;
+            let state = State {
+                step: done,
+                tokens,
+                final_loss,
+                data: data.cursor(),
+                fingerprint: fingerprint.clone(),
+                baseline: serde_json::to_value(&baseline)?,
+                adam_time,
+            };
+            let dir = checkpoint::save(
+                run_dir,
+                &state,
+                &mut lm,
+                &optim,
+                &cfg.lora,
+                student_dir,
+                cfg.checkpoint.keep,
+            )?;
+            saved_at = Some(dir.clone());
+            if stop && done < o.max_steps {
+                bar.finish_and_clear();
+                return Ok(Outcome::Interrupted {
+                    step: done,
+                    checkpoint: dir,
+                });
+            }
+        }
     }
     bar.finish_and_clear();
     let valid = lm.valid();
@@ -161,6 +259,12 @@ pub fn distill<B: AutodiffBackend>(
         tb.add_scalar("eval/mmlu_acc", m.acc as f32, o.max_steps);
     }
     tb.flush();
+    let Baseline {
+        ppl_teacher,
+        ppl_student,
+        mmlu_teacher,
+        mmlu_student,
+    } = baseline;
     eprintln!("held-out ppl: teacher {ppl_teacher:.3}, pruned {ppl_student:.3}, recovered {ppl_recovered:.3}");
     let mmlu_acc = |m: &Option<Report>| m.as_ref().map(|m| m.acc);
     if let Some(m) = &mmlu_recovered {
@@ -186,12 +290,14 @@ pub fn distill<B: AutodiffBackend>(
     )?;
 
     let adapter = run_dir.join("adapter");
-    std::fs::create_dir_all(&adapter)?;
-    save_adapter(&mut lm, &cfg.lora, student_dir, &adapter)?;
-    Ok(Summary {
+    crate::cli::write_dir_atomically(&adapter, |tmp| {
+        save_adapter(&mut lm, &cfg.lora, student_dir, tmp)
+    })?;
+    Ok(Outcome::Finished(Summary {
         student: student_dir.to_path_buf(),
         teacher: teacher_dir.to_path_buf(),
         adapter,
+        checkpoint: saved_at,
         steps: o.max_steps,
         final_loss,
         ppl_teacher,
@@ -200,8 +306,33 @@ pub fn distill<B: AutodiffBackend>(
         mmlu_teacher: mmlu_acc(&mmlu_teacher),
         mmlu_pruned: mmlu_acc(&mmlu_student),
         mmlu_recovered: mmlu_acc(&mmlu_recovered),
-        tokens_per_sec: tokens as f64 / started.elapsed().as_secs_f64(),
-    })
+        tokens_per_sec: (tokens - tokens_before) as f64 / started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// The teacher's and the pruned student's scores before training, kept in checkpoints so a
+/// resumed run does not measure them again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Baseline {
+    ppl_teacher: f64,
+    ppl_student: f64,
+    mmlu_teacher: Option<Report>,
+    mmlu_student: Option<Report>,
+}
+
+impl Baseline {
+    fn print(&self) {
+        eprintln!(
+            "held-out ppl: teacher {:.3}, pruned student {:.3}",
+            self.ppl_teacher, self.ppl_student
+        );
+        if let (Some(t), Some(s)) = (&self.mmlu_teacher, &self.mmlu_student) {
+            eprintln!(
+                "MMLU ({} questions): teacher {:.4}, pruned student {:.4}",
+                t.questions, t.acc, s.acc
+            );
+        }
+    }
 }
 
 /// Both forwards and the chunked loss of one micro-batch: `(loss to backpropagate, kd, ce)`,
@@ -276,89 +407,4 @@ fn clip_global_norm<B: AutodiffBackend>(
         }
     }
     norm
-}
-
-/// The training sequences of every file, drawn by mixture weight in a seeded order; each file
-/// is reshuffled when exhausted (a new epoch of that file).
-struct Mixture {
-    files: Vec<Vec<Sequence>>,
-    cursor: Vec<usize>,
-    weights: Vec<f64>,
-    rng: StdRng,
-    pad: u32,
-}
-
-impl Mixture {
-    fn load(cfg: &DistillConfig, tok: &crate::model::Tokenizer) -> Result<Self> {
-        let d = &cfg.data;
-        let eos = tok
-            .eos_id()
-            .ok_or_else(|| anyhow::anyhow!("tokenizer.json: no end-of-text token"))?;
-        let mut rng = StdRng::seed_from_u64(d.seed);
-        let mut files = Vec::new();
-        for path in &d.files {
-            let mut seqs = Vec::new();
-            let mut error = None;
-            read_examples(path, |ex| {
-                match tokenize(&ex, tok, eos, d.max_seq_len) {
-                    Ok(Some(s)) => seqs.push(s),
-                    Ok(None) => {}
-                    Err(e) => error = Some(e),
-                }
-                error.is_none() && seqs.len() < d.max_examples
-            })?;
-            if let Some(e) = error {
-                return Err(e);
-            }
-            if seqs.is_empty() {
-                bail!(
-                    "{}: no example has a response token within max_seq_len {}",
-                    path.display(),
-                    d.max_seq_len
-                );
-            }
-            seqs.shuffle(&mut rng);
-            files.push(seqs);
-        }
-        let weights = if d.weights.is_empty() {
-            vec![1.0; files.len()]
-        } else {
-            d.weights.clone()
-        };
-        Ok(Self {
-            cursor: vec![0; files.len()],
-            files,
-            weights,
-            rng,
-            pad: eos,
-        })
-    }
-
-    fn next(&mut self) -> &Sequence {
-        let total: f64 = self.weights.iter().sum();
-        let mut r = self.rng.random::<f64>() * total;
-        let mut f = self.weights.len() - 1;
-        for (i, w) in self.weights.iter().enumerate() {
-            if r < *w {
-                f = i;
-                break;
-            }
-            r -= w;
-        }
-        if self.cursor[f] == self.files[f].len() {
-            self.files[f].shuffle(&mut self.rng);
-            self.cursor[f] = 0;
-        }
-        self.cursor[f] += 1;
-        &self.files[f][self.cursor[f] - 1]
-    }
-
-    fn batch<B: burn::tensor::backend::Backend>(
-        &mut self,
-        size: usize,
-        device: &B::Device,
-    ) -> Batch<B> {
-        let seqs: Vec<Sequence> = (0..size).map(|_| self.next().clone()).collect();
-        Batch::new(&seqs.iter().collect::<Vec<_>>(), self.pad, device)
-    }
 }

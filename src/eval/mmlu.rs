@@ -6,7 +6,7 @@
 use super::choice::{py_strip, Accuracy, Question, Scored};
 use crate::data::parquet::ParquetRows;
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -240,7 +240,7 @@ pub fn load(dir: &Path, sel: &Selection) -> Result<Vec<Question>> {
     Ok(questions)
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub acc: f64,
     pub questions: usize,
@@ -248,7 +248,7 @@ pub struct Report {
     pub subjects: BTreeMap<String, Entry>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
     pub acc: f64,
     pub questions: usize,
