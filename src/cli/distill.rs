@@ -61,18 +61,17 @@ pub struct DistillArgs {
     pub common: Common,
 }
 
-struct DistillJob {
-    cfg: DistillConfig,
+pub(super) struct DistillJob {
+    pub cfg: DistillConfig,
     teacher: PathBuf,
     student: Option<PathBuf>,
     run_dir: PathBuf,
     resume: Option<PathBuf>,
-    json: bool,
 }
 
 impl Job for DistillJob {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    type Output = Outcome;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Outcome> {
         std::fs::create_dir_all(&self.run_dir)?;
         let student = match self.student {
             Some(dir) => dir,
@@ -107,34 +106,42 @@ impl Job for DistillJob {
             resume: self.resume,
             stop,
         };
-        match distill::<Autodiff<B>>(&self.cfg, &run, &device)? {
-            Outcome::Finished(summary) => {
-                let value = serde_json::to_value(&summary)?;
-                std::fs::write(
-                    self.run_dir.join("summary.json"),
-                    serde_json::to_string_pretty(&value)? + "\n",
-                )?;
-                if self.json {
-                    print_json(&value);
-                }
-            }
-            Outcome::Interrupted { step, checkpoint } => {
-                eprintln!(
-                    "interrupted after step {step}; checkpoint {}. Resume with the same command plus --resume",
-                    checkpoint.display()
-                );
-                if self.json {
-                    print_json(&serde_json::json!({
-                        "interrupted": true, "step": step, "checkpoint": checkpoint,
-                    }));
-                }
-            }
+        let outcome = distill::<Autodiff<B>>(&self.cfg, &run, &device)?;
+        if let Outcome::Finished(summary) = &outcome {
+            std::fs::write(
+                self.run_dir.join("summary.json"),
+                serde_json::to_string_pretty(summary)? + "\n",
+            )?;
         }
-        Ok(())
+        Ok(outcome)
     }
 }
 
 pub fn run(args: DistillArgs) -> Result<()> {
+    let (device, dtype, json) = (args.common.device, args.common.dtype, args.common.json);
+    match dispatch(device, dtype, job(args)?)? {
+        Outcome::Finished(summary) => {
+            if json {
+                print_json(&serde_json::to_value(&summary)?);
+            }
+        }
+        Outcome::Interrupted { step, checkpoint } => {
+            eprintln!(
+                "interrupted after step {step}; checkpoint {}. Resume with the same command plus --resume",
+                checkpoint.display()
+            );
+            if json {
+                print_json(&serde_json::json!({
+                    "interrupted": true, "step": step, "checkpoint": checkpoint,
+                }));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The job the arguments describe, checked as far as possible before any model loads.
+pub(super) fn job(args: DistillArgs) -> Result<DistillJob> {
     let mut cfg = DistillConfig::load(args.config.as_deref())?;
     if let Some(n) = args.max_steps {
         cfg.optim.max_steps = n;
@@ -180,7 +187,6 @@ pub fn run(args: DistillArgs) -> Result<()> {
         student: args.student,
         run_dir,
         resume,
-        json: args.common.json,
     };
-    dispatch(args.common.device, args.common.dtype, job)
+    Ok(job)
 }

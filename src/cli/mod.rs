@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand, all sharing [`Common`] options.
 
+mod bench;
 mod distill;
 mod eval;
 mod export;
@@ -30,7 +31,7 @@ pub struct Cli {
 pub enum Command {
     /// Generate text from a prompt, streaming tokens as they come.
     Generate(generate::GenerateArgs),
-    /// Evaluate a model (perplexity on a text file).
+    /// Evaluate a model: perplexity, MMLU, PIQA, BoolQ, HellaSwag (as lm-evaluation-harness scores them).
     Eval(eval::EvalArgs),
     /// Prune a model by LaCo layer collapse into a new Hugging Face directory.
     Prune(prune::PruneArgs),
@@ -38,6 +39,8 @@ pub enum Command {
     Distill(distill::DistillArgs),
     // Its help, short and long, is ExportArgs' doc comment.
     Export(export::ExportArgs),
+    /// Measure distillation speed (tokens/s) and peak memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Options every command takes.
@@ -99,6 +102,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prune(args) => prune::run(args),
         Command::Distill(args) => distill::run(args),
         Command::Export(args) => export::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -110,6 +110,11 @@ impl Mixture {
         Batch::new(&seqs.iter().collect::<Vec<_>>(), self.pad, device)
     }
 
+    /// Training sequences in all files.
+    pub fn sequences(&self) -> usize {
+        self.files.iter().map(Vec::len).sum()
+    }
+
     pub fn cursor(&self) -> Cursor {
         Cursor {
             seed: self.seed,

@@ -181,7 +181,8 @@ pub fn locate(run_dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// What a resumed run must share with the checkpoint's: teacher, student, model, LaCo, data,
-/// LoRA, loss and optimiser settings (max_steps, eval and checkpoint settings may change).
+/// LoRA, loss and optimiser settings (max_steps or epochs, eval and checkpoint settings may
+/// change).
 pub fn fingerprint(
     cfg: &DistillConfig,
     teacher: &Path,
@@ -189,6 +190,7 @@ pub fn fingerprint(
 ) -> Result<serde_json::Value> {
     let mut optim = serde_json::to_value(&cfg.optim)?;
     optim["max_steps"] = serde_json::Value::Null;
+    optim["epochs"] = serde_json::Value::Null;
     Ok(serde_json::json!({
         "teacher": teacher, "student": student, "model": cfg.model, "laco": cfg.laco,
         "data": cfg.data, "lora": cfg.lora, "loss": cfg.loss, "optim": optim,

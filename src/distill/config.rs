@@ -87,6 +87,9 @@ pub struct OptimSection {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub max_steps: usize,
+    /// Passes over the data (all files' sequences); when set, it decides the number of steps
+    /// instead of max_steps.
+    pub epochs: Option<f64>,
 }
 
 impl Default for OptimSection {
@@ -102,6 +105,7 @@ impl Default for OptimSection {
             batch_size: 4,
             grad_accum: 1,
             max_steps: 100,
+            epochs: None,
         }
     }
 }
@@ -201,6 +205,9 @@ impl DistillConfig {
         if o.batch_size == 0 || o.grad_accum == 0 || o.max_steps == 0 {
             bail!("{origin}: optim.batch_size, optim.grad_accum and optim.max_steps must be at least 1");
         }
+        if o.epochs.is_some_and(|e| e.is_nan() || e <= 0.0) {
+            bail!("{origin}: optim.epochs must be positive");
+        }
         if o.lr.is_nan() || o.lr <= 0.0 {
             bail!("{origin}: optim.lr must be positive");
         }
@@ -214,6 +221,16 @@ impl DistillConfig {
             bail!("{origin}: loss.temperature must be positive and loss.alpha in [0, 1]");
         }
         Ok(())
+    }
+
+    /// With `optim.epochs`, the steps that pass over `sequences` training sequences that many
+    /// times become `optim.max_steps`.
+    pub fn resolve_epochs(&mut self, sequences: usize) {
+        let o = &mut self.optim;
+        if let Some(epochs) = o.epochs {
+            let per_step = (o.batch_size * o.grad_accum) as f64;
+            o.max_steps = ((epochs * sequences as f64) / per_step).ceil().max(1.0) as usize;
+        }
     }
 
     /// Learning rate at `step` (0-based): linear warmup, then cosine decay to lr x min_lr_ratio.
@@ -248,5 +265,22 @@ mod tests {
         let end = cfg.lr_at(o.max_steps);
         assert!((end - o.lr * o.min_lr_ratio).abs() < 1e-12);
         assert!(cfg.lr_at(o.max_steps / 2) < o.lr && cfg.lr_at(o.max_steps / 2) > end);
+    }
+
+    #[test]
+    fn every_bundled_distill_config_loads_and_epochs_set_the_steps() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        for name in ["tiny.toml", "smollm2-135m.toml", "distill-qwen3-8b.toml"] {
+            let cfg = DistillConfig::load(Some(&dir.join(name))).unwrap();
+            assert!(
+                cfg.output.run_dir.starts_with(&dir),
+                "{name}: run_dir relative to the file"
+            );
+        }
+        let mut cfg = DistillConfig::load(None).unwrap();
+        cfg.optim.epochs = Some(2.0);
+        cfg.resolve_epochs(1000);
+        // 2 x 1000 sequences, 8 per step.
+        assert_eq!(cfg.optim.max_steps, 250);
     }
 }

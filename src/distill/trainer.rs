@@ -40,6 +40,7 @@ pub struct Summary {
     pub mmlu_teacher: Option<f64>,
     pub mmlu_pruned: Option<f64>,
     pub mmlu_recovered: Option<f64>,
+    /// Training tokens per second of this process's steps (evaluations and checkpoints excluded).
     pub tokens_per_sec: f64,
 }
 
@@ -90,6 +91,9 @@ pub fn distill<B: AutodiffBackend>(
     // backend's generator is seeded so adapter initialisation and dropout are reproducible.
     let seed = cfg.data.seed;
     let mut data = Mixture::load(cfg, &student.tokenizer)?;
+    let mut resolved = cfg.clone();
+    resolved.resolve_epochs(data.sequences());
+    let cfg = &resolved;
     B::seed(device, seed);
     let mut lm = attach_new(student.lm.clone(), &cfg.lora, device);
     let o = &cfg.optim;
@@ -153,6 +157,7 @@ pub fn distill<B: AutodiffBackend>(
     let started = std::time::Instant::now();
     let tokens_before = tokens;
     let mut saved_at = None;
+    let mut tps = f64::NAN;
     for step in first_step..o.max_steps {
         // Dropout masks depend on the step alone, so a resumed run draws the same ones.
         B::seed(
@@ -183,7 +188,7 @@ pub fn distill<B: AutodiffBackend>(
         adam_time += 1;
 
         final_loss = loss_sum;
-        let tps = (tokens - tokens_before) as f64 / started.elapsed().as_secs_f64();
+        tps = (tokens - tokens_before) as f64 / started.elapsed().as_secs_f64();
         bar.set_message(format!(
             "loss {loss_sum:.4} kd {kd_sum:.4} ce {ce_sum:.4} {tps:.0} tok/s"
         ));
@@ -306,7 +311,7 @@ pub fn distill<B: AutodiffBackend>(
         mmlu_teacher: mmlu_acc(&mmlu_teacher),
         mmlu_pruned: mmlu_acc(&mmlu_student),
         mmlu_recovered: mmlu_acc(&mmlu_recovered),
-        tokens_per_sec: (tokens - tokens_before) as f64 / started.elapsed().as_secs_f64(),
+        tokens_per_sec: tps,
     }))
 }
 
