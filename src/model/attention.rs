@@ -13,6 +13,9 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{activation::softmax, backend::Backend, Tensor};
 
+/// Queries per block of a causal attention pass longer than this.
+const QUERY_BLOCK: usize = 256;
+
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     pub q_proj: Linear<B>,
@@ -128,24 +131,44 @@ impl<B: Backend> Attention<B> {
         };
         let keys = k.dims()[2];
 
-        // 4. Scores per KV group, without copying K: q (B, nkv, rep, L, D) x k^T (B, nkv, 1, D, T).
+        // 4-6 per block of queries: a block sees only the keys up to its last position, so with
+        // a causal mask long sequences skip the scores above the diagonal.
         let q = q
             .reshape([batch, seq, nkv, rep, d])
             .permute([0, 2, 3, 1, 4]);
-        let scores = q.matmul(k.unsqueeze_dim::<5>(2).swap_dims(3, 4));
-
-        // 5. Mask (causal and padding, additive) and softmax over keys.
-        let scores = scores.reshape([batch * nh, seq * keys]);
-        let scores = match mask {
-            Some(m) => scores + m.clone(),
-            None => scores,
+        let start = keys - seq;
+        let causal_only = mask.is_some_and(|m| m.dims()[0] == 1);
+        let block = if causal_only { QUERY_BLOCK } else { seq };
+        let mut outs = Vec::new();
+        for r0 in (0..seq).step_by(block.max(1)) {
+            let rows = block.min(seq - r0);
+            let seen = if causal_only { start + r0 + rows } else { keys };
+            let (q, k, v) = if rows == seq && seen == keys {
+                (q.clone(), k.clone(), v.clone())
+            } else {
+                (
+                    q.clone().narrow(3, r0, rows),
+                    k.clone().narrow(2, 0, seen),
+                    v.clone().narrow(2, 0, seen),
+                )
+            };
+            let m = mask.map(|m| {
+                if rows == seq && seen == keys {
+                    m.clone()
+                } else {
+                    m.clone()
+                        .reshape([seq, keys])
+                        .slice([r0..r0 + rows, 0..seen])
+                        .reshape([1, rows * seen])
+                }
+            });
+            outs.push(attend(q, k, v, m, [batch, nh, rows, seen]));
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one block")
+        } else {
+            Tensor::cat(outs, 3)
         };
-        let probs = softmax(scores.reshape([batch * nh * seq, keys]), 1);
-
-        // 6. probs (B, nkv, rep, L, T) x v (B, nkv, 1, T, D) -> (B, L, H*D) -> o_proj.
-        let out = probs
-            .reshape([batch, nkv, rep, seq, keys])
-            .matmul(v.unsqueeze_dim::<5>(2));
         let out = out
             .reshape([batch, nh, seq, d])
             .swap_dims(1, 2)
@@ -168,4 +191,27 @@ impl<B: Backend> Attention<B> {
             }
         }
     }
+}
+
+/// Softmax attention of one block, grouped by KV head without copying K or V:
+/// q `(B, nkv, rep, L, D)` x k^T `(B, nkv, 1, D, T)`, additive `mask` (`[1 or B*H, L*T]`),
+/// softmax over keys, x v `(B, nkv, 1, T, D)` -> `(B, nkv, rep, L, D)`.
+fn attend<B: Backend>(
+    q: Tensor<B, 5>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 2>>,
+    [batch, nh, seq, keys]: [usize; 4],
+) -> Tensor<B, 5> {
+    let [_, nkv, rep, _, _] = q.dims();
+    let scores = q.matmul(k.unsqueeze_dim::<5>(2).swap_dims(3, 4));
+    let scores = scores.reshape([batch * nh, seq * keys]);
+    let scores = match mask {
+        Some(m) => scores + m,
+        None => scores,
+    };
+    let probs = softmax(scores.reshape([batch * nh * seq, keys]), 1);
+    probs
+        .reshape([batch, nkv, rep, seq, keys])
+        .matmul(v.unsqueeze_dim::<5>(2))
 }
