@@ -26,7 +26,7 @@ pub enum Task {
     Hellaswag,
 }
 
-/// Evaluate a model.
+/// Evaluate a model: perplexity, MMLU, PIQA, BoolQ, HellaSwag (as lm-evaluation-harness scores them).
 ///
 /// --task ppl: the first --max-tokens tokens of --text (no BOS added), cut into non-overlapping
 /// windows of --window tokens; each window predicts its last window-1 tokens; ppl = exp(mean NLL).

@@ -31,7 +31,7 @@ pub struct Cli {
 pub enum Command {
     /// Generate text from a prompt, streaming tokens as they come.
     Generate(generate::GenerateArgs),
-    /// Evaluate a model: perplexity, MMLU, PIQA, BoolQ, HellaSwag (as lm-evaluation-harness scores them).
+    // Its help, short and long, is EvalArgs' doc comment.
     Eval(eval::EvalArgs),
     /// Prune a model by LaCo layer collapse into a new Hugging Face directory.
     Prune(prune::PruneArgs),
