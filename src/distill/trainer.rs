@@ -156,7 +156,7 @@ pub fn distill<B: AutodiffBackend>(
     bar.set_position(first_step as u64);
     let started = std::time::Instant::now();
     let tokens_before = tokens;
-    let mut saved_at = None;
+    let mut saved_at = run.resume.clone();
     let mut tps = f64::NAN;
     for step in first_step..o.max_steps {
         // Dropout masks depend on the step alone, so a resumed run draws the same ones.
