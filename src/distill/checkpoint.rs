@@ -7,6 +7,7 @@
 //! previous checkpoint whole and named by `latest`.
 
 use super::config::DistillConfig;
+use super::evaluate::Baseline;
 use crate::data::mixture::Cursor;
 use crate::model::{lora::save_adapter, lora::LoraSettings, CausalLm};
 use anyhow::{anyhow, bail, Context, Result};
@@ -36,9 +37,7 @@ pub struct State {
     /// What a resumed run must share with this one (see [`differing_field`]).
     pub fingerprint: serde_json::Value,
     /// Teacher and pruned-student evaluations made before step 1.
-    pub baseline: serde_json::Value,
-    /// AdamW's step count (bias correction).
-    pub adam_time: usize,
+    pub baseline: Baseline,
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -238,7 +237,8 @@ pub fn restore<B: AutodiffBackend>(
             if moments.contains(&format!("{key}.exp_avg")) {
                 let m1 = moments.tensor(&format!("{key}.exp_avg"), shape, device)?;
                 let m2 = moments.tensor(&format!("{key}.exp_avg_sq"), shape, device)?;
-                let momentum = AdaptiveMomentumState::new(state.adam_time, m1, m2);
+                // One AdamW step per training step: its bias-correction count is the step.
+                let momentum = AdaptiveMomentumState::new(state.step, m1, m2);
                 records.insert(param.id, AdaptorRecord::from_state(AdamWState { momentum }));
             }
         }

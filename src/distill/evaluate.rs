@@ -9,7 +9,34 @@ use crate::model::{CausalLm, Rope, Tokenizer};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use indicatif::ProgressBar;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use tensorboard_rs::summary_writer::SummaryWriter;
+
+/// The teacher's and the pruned student's scores before training, kept in checkpoints so a
+/// resumed run does not measure them again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Baseline {
+    pub ppl_teacher: f64,
+    pub ppl_student: f64,
+    pub mmlu_teacher: Option<Report>,
+    pub mmlu_student: Option<Report>,
+}
+
+impl Baseline {
+    pub fn print(&self) {
+        eprintln!(
+            "held-out ppl: teacher {:.3}, pruned student {:.3}",
+            self.ppl_teacher, self.ppl_student
+        );
+        if let (Some(t), Some(s)) = (&self.mmlu_teacher, &self.mmlu_student) {
+            eprintln!(
+                "MMLU ({} questions): teacher {:.4}, pruned student {:.4}",
+                t.questions, t.acc, s.acc
+            );
+        }
+    }
+}
 
 pub struct HeldOut {
     ids: Vec<u32>,
@@ -47,6 +74,24 @@ impl HeldOut {
 
     pub fn ppl<B: Backend>(&self, lm: &CausalLm<B>, rope: &Rope<B>) -> Result<f64> {
         Ok(perplexity(lm, rope, &self.ids, 256, 4, &ProgressBar::hidden())?.ppl)
+    }
+
+    /// Perplexity and MMLU (when configured) of `lm`, logged to TensorBoard as eval/ppl and
+    /// eval/mmlu_acc at `step`.
+    pub fn measure<B: Backend>(
+        &self,
+        lm: &CausalLm<B>,
+        rope: &Rope<B>,
+        tb: &mut SummaryWriter,
+        step: usize,
+    ) -> Result<(f64, Option<Report>)> {
+        let ppl = self.ppl(lm, rope)?;
+        tb.add_scalar("eval/ppl", ppl as f32, step);
+        let mmlu = self.mmlu(lm, rope)?;
+        if let Some(m) = &mmlu {
+            tb.add_scalar("eval/mmlu_acc", m.acc as f32, step);
+        }
+        Ok((ppl, mmlu))
     }
 
     /// MMLU accuracy report, or `None` when MMLU is not configured.

@@ -5,7 +5,8 @@
 //! perplexity and MMLU; finally RUN_DIR/eval.json and the PEFT adapter.
 
 use super::checkpoint::{self, Optim, State};
-use super::{config::DistillConfig, evaluate::HeldOut, events, loss::chunked_kd};
+use super::evaluate::{Baseline, HeldOut};
+use super::{config::DistillConfig, events, loss::chunked_kd};
 use crate::data::batch::Batch;
 use crate::data::mixture::Mixture;
 use crate::eval::mmlu::Report;
@@ -18,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, ElementConversion, Tensor};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,7 +109,7 @@ pub fn distill<B: AutodiffBackend>(
         Rope::<B::InnerBackend>::new(student.config.head_dim, student.config.rope_theta, device);
     let tb_dir = run_dir.join("tb");
     let metrics_path = run_dir.join("metrics.jsonl");
-    let (first_step, mut tokens, mut final_loss, mut adam_time, baseline) = match resumed {
+    let (first_step, mut tokens, mut final_loss, baseline) = match resumed {
         Some((dir, state)) => {
             data.seek(&state.data)
                 .map_err(|e| anyhow::anyhow!("--resume {}: {e}", dir.display()))?;
@@ -117,13 +118,7 @@ pub fn distill<B: AutodiffBackend>(
             checkpoint::restore_metrics(&dir, run_dir)?;
             events::truncate_after(&tb_dir, state.step)?;
             eprintln!("resuming from {} (step {})", dir.display(), state.step);
-            (
-                state.step,
-                state.tokens,
-                state.final_loss,
-                state.adam_time,
-                state.baseline,
-            )
+            (state.step, state.tokens, state.final_loss, state.baseline)
         }
         None => {
             let baseline = Baseline {
@@ -134,10 +129,9 @@ pub fn distill<B: AutodiffBackend>(
             };
             std::fs::File::create(&metrics_path)
                 .with_context(|| format!("{}: cannot create", metrics_path.display()))?;
-            (0, 0, f64::NAN, 0, serde_json::to_value(&baseline)?)
+            (0, 0, f64::NAN, baseline)
         }
     };
-    let baseline: Baseline = serde_json::from_value(baseline)?;
     baseline.print();
 
     let mut metrics = std::fs::OpenOptions::new()
@@ -185,7 +179,6 @@ pub fn distill<B: AutodiffBackend>(
         let mut grads = acc.grads();
         let grad_norm = clip_global_norm(&mut lm, &mut grads, o.grad_clip);
         lm = optim.step(lr, lm, grads);
-        adam_time += 1;
 
         final_loss = loss_sum;
         tps = (tokens - tokens_before) as f64 / started.elapsed().as_secs_f64();
@@ -209,15 +202,12 @@ pub fn distill<B: AutodiffBackend>(
         }
         let done = step + 1;
         if cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0 && done < o.max_steps {
-            let valid = lm.valid();
-            let ppl = held_out.ppl(&valid, &eval_rope)?;
+            let (ppl, mmlu) = held_out.measure(&lm.valid(), &eval_rope, &mut tb, done)?;
             bar.println(format!("step {done}: held-out ppl {ppl:.3}"));
             record["eval_ppl"] = ppl.into();
-            tb.add_scalar("eval/ppl", ppl as f32, done);
-            if let Some(m) = held_out.mmlu(&valid, &eval_rope)? {
+            if let Some(m) = mmlu {
                 bar.println(format!("step {done}: MMLU {:.4}", m.acc));
                 record["eval_mmlu_acc"] = m.acc.into();
-                tb.add_scalar("eval/mmlu_acc", m.acc as f32, done);
             }
         }
         writeln!(metrics, "{record}")?;
@@ -233,8 +223,7 @@ pub fn distill<B: AutodiffBackend>(
                 final_loss,
                 data: data.cursor(),
                 fingerprint: fingerprint.clone(),
-                baseline: serde_json::to_value(&baseline)?,
-                adam_time,
+                baseline: baseline.clone(),
             };
             let dir = checkpoint::save(
                 run_dir,
@@ -256,13 +245,8 @@ pub fn distill<B: AutodiffBackend>(
         }
     }
     bar.finish_and_clear();
-    let valid = lm.valid();
-    let ppl_recovered = held_out.ppl(&valid, &eval_rope)?;
-    tb.add_scalar("eval/ppl", ppl_recovered as f32, o.max_steps);
-    let mmlu_recovered = held_out.mmlu(&valid, &eval_rope)?;
-    if let Some(m) = &mmlu_recovered {
-        tb.add_scalar("eval/mmlu_acc", m.acc as f32, o.max_steps);
-    }
+    let (ppl_recovered, mmlu_recovered) =
+        held_out.measure(&lm.valid(), &eval_rope, &mut tb, o.max_steps)?;
     tb.flush();
     let Baseline {
         ppl_teacher,
@@ -313,31 +297,6 @@ pub fn distill<B: AutodiffBackend>(
         mmlu_recovered: mmlu_acc(&mmlu_recovered),
         tokens_per_sec: tps,
     }))
-}
-
-/// The teacher's and the pruned student's scores before training, kept in checkpoints so a
-/// resumed run does not measure them again.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Baseline {
-    ppl_teacher: f64,
-    ppl_student: f64,
-    mmlu_teacher: Option<Report>,
-    mmlu_student: Option<Report>,
-}
-
-impl Baseline {
-    fn print(&self) {
-        eprintln!(
-            "held-out ppl: teacher {:.3}, pruned student {:.3}",
-            self.ppl_teacher, self.ppl_student
-        );
-        if let (Some(t), Some(s)) = (&self.mmlu_teacher, &self.mmlu_student) {
-            eprintln!(
-                "MMLU ({} questions): teacher {:.4}, pruned student {:.4}",
-                t.questions, t.acc, s.acc
-            );
-        }
-    }
 }
 
 /// Both forwards and the chunked loss of one micro-batch: `(loss to backpropagate, kd, ce)`,
