@@ -61,7 +61,7 @@ fn mmlu_prompts_and_logliks_match_lm_eval() {
         subjects: vec!["abstract_algebra".into()],
         limit: Some(items.len()),
     };
-    let questions = mmlu::load(&bundled_mmlu(), &selection).unwrap();
+    let questions = mmlu::load(Some(&bundled_mmlu()), &selection).unwrap();
     assert_eq!(questions.len(), items.len());
     for (q, item) in questions.iter().zip(items) {
         assert_eq!(q.prompt, item["prompt"].as_str().unwrap());

@@ -127,16 +127,12 @@ impl EvalArgs {
     }
 
     fn mmlu<B: Backend>(self, pre: Pretrained<B>) -> Result<()> {
-        let dir = self
-            .data
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(mmlu::BUNDLED));
         let selection = mmlu::Selection {
             shots: self.shots,
             subjects: self.subjects.clone(),
             limit: self.limit,
         };
-        let questions = mmlu::load(&dir, &selection)?;
+        let questions = mmlu::load(self.data.as_deref(), &selection)?;
         let (scored, per_sec) = self.scored(&pre, &questions, "mmlu")?;
         let report = mmlu::report(&questions, &scored);
         print!("{}", report.table());

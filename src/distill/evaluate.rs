@@ -10,7 +10,6 @@ use anyhow::Result;
 use burn::tensor::backend::Backend;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 use tensorboard_rs::summary_writer::SummaryWriter;
 
 /// The teacher's and the pruned student's scores before training, kept in checkpoints so a
@@ -53,16 +52,12 @@ impl HeldOut {
         let questions = if out.mmlu_limit == 0 {
             Vec::new()
         } else {
-            let dir = out
-                .mmlu_data
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(mmlu::BUNDLED));
             let selection = mmlu::Selection {
                 shots: out.mmlu_shots,
                 subjects: Vec::new(),
                 limit: Some(out.mmlu_limit),
             };
-            mmlu::load(&dir, &selection)?
+            mmlu::load(out.mmlu_data.as_deref(), &selection)?
         };
         Ok(Self {
             ids,

@@ -65,9 +65,9 @@ pub fn loglikelihoods<B: Backend>(
         .iter()
         .map(|r| r.continuations.iter().all(|c| needed(r, c) <= max_length))
         .collect();
-    let fitting: Vec<Request> = (0..requests.len())
+    let fitting: Vec<&Request> = (0..requests.len())
         .filter(|&i| fits[i])
-        .map(|i| requests[i].clone())
+        .map(|i| &requests[i])
         .collect();
     let mut fitting_scores = score_group(lm, rope, &fitting, batch, progress).into_iter();
     let mut out = Vec::with_capacity(requests.len());
@@ -104,7 +104,7 @@ pub fn loglikelihoods<B: Backend>(
                     .map(|&j| r.continuations[j].clone())
                     .collect(),
             };
-            let got = score_group(lm, rope, &[tail], 1, &quiet).remove(0);
+            let got = score_group(lm, rope, &[&tail], 1, &quiet).remove(0);
             for (j, v) in members.into_iter().zip(got) {
                 scores[j] = v;
             }
@@ -119,21 +119,14 @@ pub fn loglikelihoods<B: Backend>(
 fn score_group<B: Backend>(
     lm: &CausalLm<B>,
     rope: &Rope<B>,
-    requests: &[Request],
+    requests: &[&Request],
     batch: usize,
     progress: &ProgressBar,
 ) -> Vec<Vec<f64>> {
-    let device = lm.model.embed_tokens.device();
     let shared = shared_prefix(requests);
     let mut prefix = KvCache::new(lm.num_layers());
     if shared > 0 {
-        lm.hidden(
-            ids_tensor(&[&requests[0].context[..shared]], &device),
-            rope,
-            None,
-            Some(&mut prefix),
-            None,
-        );
+        extend(lm, rope, &[&requests[0].context[..shared]], &mut prefix);
     }
     let mut out = vec![Vec::new(); requests.len()];
     let is_single: Vec<bool> = requests
@@ -146,16 +139,9 @@ fn score_group<B: Backend>(
             .iter()
             .map(|&i| &requests[i].context[shared..])
             .collect();
-        let mut cache = prefix.repeat(rows.len());
-        let hidden = lm.hidden(
-            ids_tensor(&rows, &device),
-            rope,
-            None,
-            Some(&mut cache),
-            None,
-        );
+        let hidden = extend(lm, rope, &rows, &mut prefix.repeat(rows.len()));
         let firsts: Vec<Vec<Option<u32>>> =
-            group.iter().map(|&i| first_tokens(&requests[i])).collect();
+            group.iter().map(|&i| first_tokens(requests[i])).collect();
         let scores = scored_rows(lm, last_rows(hidden, &rows), &firsts);
         for (&i, s) in group.iter().zip(scores) {
             out[i] = s;
@@ -164,7 +150,7 @@ fn score_group<B: Backend>(
     }
     for i in 0..requests.len() {
         if !is_single[i] {
-            out[i] = multi_token(lm, rope, &requests[i], shared, &prefix);
+            out[i] = multi_token(lm, rope, requests[i], shared, &prefix);
             progress.inc(1);
         }
     }
@@ -173,7 +159,7 @@ fn score_group<B: Backend>(
 
 /// Context tokens every request starts with, leaving each at least one token of its own (the
 /// last context token's output predicts the first continuation token).
-fn shared_prefix(requests: &[Request]) -> usize {
+fn shared_prefix(requests: &[&Request]) -> usize {
     let Some(first) = requests.first() else {
         return 0;
     };
@@ -201,16 +187,9 @@ fn multi_token<B: Backend>(
     shared: usize,
     prefix: &KvCache<B>,
 ) -> Vec<f64> {
-    let device = lm.model.embed_tokens.device();
     let own = &request.context[shared..];
     let mut cache = prefix.clone();
-    let hidden = lm.hidden(
-        ids_tensor(&[own], &device),
-        rope,
-        None,
-        Some(&mut cache),
-        None,
-    );
+    let hidden = extend(lm, rope, &[own], &mut cache);
     let mut totals = scored_rows(lm, last_rows(hidden, &[own]), &[first_tokens(request)])
         .pop()
         .expect("one row");
@@ -224,14 +203,7 @@ fn multi_token<B: Backend>(
         .iter()
         .map(|c| &c[..c.len().saturating_sub(1)])
         .collect();
-    let mut cache = cache.repeat(conts.len());
-    let hidden = lm.hidden(
-        ids_tensor(&inputs, &device),
-        rope,
-        None,
-        Some(&mut cache),
-        None,
-    );
+    let hidden = extend(lm, rope, &inputs, &mut cache.repeat(conts.len()));
     let [n, width, h] = hidden.dims();
     let mut rows = Vec::new();
     let mut targets = Vec::new();
@@ -241,6 +213,7 @@ fn multi_token<B: Backend>(
             targets.push((j, token));
         }
     }
+    let device = hidden.device();
     let flat = hidden.reshape([n * width, h]);
     let picked = flat.select(0, int_tensor(rows, &device));
     let per_row: Vec<Vec<Option<u32>>> = targets.iter().map(|&(_, t)| vec![Some(t)]).collect();
@@ -301,6 +274,17 @@ fn scored_rows<B: Backend>(
         }
     }
     out
+}
+
+/// Runs `rows` (right-padded) on top of `cache`, which they extend; returns their hidden states.
+fn extend<B: Backend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    rows: &[&[u32]],
+    cache: &mut KvCache<B>,
+) -> Tensor<B, 3> {
+    let ids = ids_tensor(rows, &lm.model.embed_tokens.device());
+    lm.hidden(ids, rope, None, Some(cache), None)
 }
 
 /// Rows of token ids, right-padded with id 0 to the longest (padding is never read: it only

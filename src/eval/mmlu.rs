@@ -193,9 +193,10 @@ fn read_docs(files: &[PathBuf], wanted: &dyn Fn(&str) -> bool) -> Result<Vec<Doc
     Ok(docs)
 }
 
-/// The test questions of `dir` as prompts with their few-shot examples, grouped by subject in
-/// lm-eval's (alphabetical) order.
-pub fn load(dir: &Path, sel: &Selection) -> Result<Vec<Question>> {
+/// The test questions of `dir` (default: the bundled MMLU) as prompts with their few-shot
+/// examples, grouped by subject in lm-eval's (alphabetical) order.
+pub fn load(dir: Option<&Path>, sel: &Selection) -> Result<Vec<Question>> {
+    let dir = dir.unwrap_or(Path::new(BUNDLED));
     for s in &sel.subjects {
         if category(s).is_none() {
             bail!("--subjects: unknown MMLU subject {s:?} (names like abstract_algebra, high_school_physics)");

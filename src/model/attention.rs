@@ -143,7 +143,8 @@ impl<B: Backend> Attention<B> {
         for r0 in (0..seq).step_by(block.max(1)) {
             let rows = block.min(seq - r0);
             let seen = if causal_only { start + r0 + rows } else { keys };
-            let (q, k, v) = if rows == seq && seen == keys {
+            let whole = rows == seq && seen == keys;
+            let (q, k, v) = if whole {
                 (q.clone(), k.clone(), v.clone())
             } else {
                 (
@@ -153,7 +154,7 @@ impl<B: Backend> Attention<B> {
                 )
             };
             let m = mask.map(|m| {
-                if rows == seq && seen == keys {
+                if whole {
                     m.clone()
                 } else {
                     m.clone()
