@@ -4,6 +4,7 @@ use super::{
     cache::KvCache,
     checkpoint::Checkpoint,
     config::{Family, ModelConfig},
+    flash,
     linear::Linear,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
@@ -15,6 +16,15 @@ use burn::tensor::{activation::softmax, backend::Backend, Tensor};
 
 /// Queries per block of a causal attention pass longer than this.
 const QUERY_BLOCK: usize = 256;
+
+/// How one forward pass masks attention (always causal), chosen once for all its layers.
+pub enum Mask<B: Backend> {
+    /// For the generic path: additive, `[1, seq * keys]` (causal) or `[batch * heads, seq * keys]`
+    /// (padding); `None` when nothing is masked.
+    Additive(Option<Tensor<B, 2>>),
+    /// For [`flash::attention`]: `batch * keys` flags, true where a key is padding.
+    Fused(Option<Vec<bool>>),
+}
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -95,14 +105,13 @@ impl<B: Backend> Attention<B> {
 
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`, its positions' rotary tables in `pos`
-    /// - `mask`: additive, `[1, seq * keys]` (causal) or `[batch * heads, seq * keys]` (padding)
     /// - returns `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         pos: &RopeAt<B>,
-        mask: Option<&Tensor<B, 2>>,
+        mask: &Mask<B>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
@@ -128,6 +137,14 @@ impl<B: Backend> Attention<B> {
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
+        };
+        let mask = match mask {
+            Mask::Additive(m) => m.as_ref(),
+            Mask::Fused(padding) => {
+                let out = flash::attention(q, k, v, padding.as_deref())
+                    .expect("Mask::Fused is only chosen where flash::supported");
+                return self.o_proj.forward(out);
+            }
         };
         let keys = k.dims()[2];
 

@@ -3,10 +3,11 @@
 //! `model.norm`, `lm_head`.
 
 use super::{
-    attention::Attention,
+    attention::{Attention, Mask},
     cache::KvCache,
     checkpoint::Checkpoint,
     config::ModelConfig,
+    flash,
     linear::Linear,
     mlp::Mlp,
     norm::RmsNorm,
@@ -65,7 +66,7 @@ impl<B: Backend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         pos: &RopeAt<B>,
-        mask: Option<&Tensor<B, 2>>,
+        mask: &Mask<B>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
@@ -141,14 +142,24 @@ impl<B: Backend> CausalLm<B> {
         let attn = &self.model.layers[0].self_attn;
         let device = ids.device();
         let pos = rope.at(start, seq, attn.num_heads, attn.num_kv_heads, &device);
-        let mask = attention_mask::<B>(start, seq, attn.num_heads, key_padding, &device);
         let mut x = embedding(self.model.embed_tokens.val(), ids);
+        let mask = if flash::supported::<B>(x.dtype()) {
+            Mask::Fused(key_padding.map(|p| p.clone().into_data().iter::<bool>().collect()))
+        } else {
+            Mask::Additive(attention_mask::<B>(
+                start,
+                seq,
+                attn.num_heads,
+                key_padding,
+                &device,
+            ))
+        };
         for (i, layer) in self.model.layers.iter().enumerate() {
             if let Some(inputs) = layer_inputs.as_deref_mut() {
                 inputs.push(x.clone());
             }
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(x, rope, &pos, mask.as_ref(), layer_cache);
+            x = layer.forward(x, rope, &pos, &mask, layer_cache);
         }
         self.model.norm.forward(x)
     }

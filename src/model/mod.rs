@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod chunk;
 pub mod config;
 pub mod decoder;
+pub mod flash;
 pub mod generate;
 pub mod linear;
 pub mod lora;
