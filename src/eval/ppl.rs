@@ -4,7 +4,7 @@
 
 use crate::model::{
     chunk::{predicting_rows, row_chunks, rows_per_chunk},
-    CausalLm, Rope,
+    flex, CausalLm, Rope,
 };
 use anyhow::{bail, Result};
 use burn::tensor::{backend::Backend, DType, ElementConversion, Int, Tensor, TensorData};
@@ -90,7 +90,9 @@ pub fn token_logprobs<B: Backend>(
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 2> {
     let logits = logits.cast(DType::F32);
-    let max = logits.clone().max_dim(1);
-    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let lse = flex::logsumexp(&logits).unwrap_or_else(|| {
+        let max = logits.clone().max_dim(1);
+        (logits.clone() - max.clone()).exp().sum_dim(1).log() + max
+    });
     logits.gather(1, targets) - lse
 }

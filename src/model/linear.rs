@@ -1,6 +1,6 @@
 //! A projection stored as Hugging Face stores it: `weight` is `[out_features, in_features]`.
 
-use super::{checkpoint::Checkpoint, lora::Lora, save::Weight};
+use super::{checkpoint::Checkpoint, flex, lora::Lora, save::Weight};
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
@@ -57,7 +57,8 @@ impl<B: Backend> Linear<B> {
 
     /// `[rows, in]` -> `[rows, out]`.
     pub fn forward_2d(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = x.clone().matmul(self.weight.val().transpose());
+        let w = self.weight.val();
+        let y = flex::matmul_t(&x, &w).unwrap_or_else(|| x.clone().matmul(w.transpose()));
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze::<2>(),
             None => y,

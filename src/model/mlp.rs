@@ -1,6 +1,6 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 
-use super::{checkpoint::Checkpoint, config::ModelConfig, linear::Linear, save::Weight};
+use super::{checkpoint::Checkpoint, config::ModelConfig, flex, linear::Linear, save::Weight};
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
@@ -29,8 +29,9 @@ impl<B: Backend> Mlp<B> {
 
     /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let h = flex::silu_mul(&gate, &up).unwrap_or_else(|| silu(gate) * up);
+        self.down_proj.forward(h)
     }
 
     pub fn weights(&self, prefix: &str, out: &mut Vec<(String, Weight<B>)>) {

@@ -7,6 +7,7 @@ pub mod chunk;
 pub mod config;
 pub mod decoder;
 pub mod flash;
+pub mod flex;
 pub mod generate;
 pub mod linear;
 pub mod lora;
