@@ -133,7 +133,9 @@ fn score_group<B: Backend>(
         .iter()
         .map(|r| r.continuations.iter().all(|c| c.len() <= 1))
         .collect();
-    let single: Vec<usize> = (0..requests.len()).filter(|&i| is_single[i]).collect();
+    let mut single: Vec<usize> = (0..requests.len()).filter(|&i| is_single[i]).collect();
+    // Longest first, so that each batch pads its rows to similar lengths.
+    single.sort_by_key(|&i| std::cmp::Reverse(requests[i].context.len()));
     for group in single.chunks(batch.max(1)) {
         let rows: Vec<&[u32]> = group
             .iter()
