@@ -1,18 +1,18 @@
 //! `laco-train bench`: distillation speed and memory. Runs `--steps` steps of a config's
 //! distillation job (no periodic evaluation, no MMLU, one checkpoint at the end) in a scratch
-//! run directory and reports training tokens/s, seconds per step and the process's peak
-//! resident memory.
+//! run directory and reports training tokens/s after `--warmup` steps (and over all steps) and
+//! the process's peak resident memory.
 
 use super::distill::{job, DistillArgs};
 use super::{print_json, Common};
 use crate::device::dispatch;
-use crate::distill::trainer::Outcome;
+use crate::distill::trainer::{throughput, Outcome};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 
 /// Measure distillation steps: tokens/s (tokens of the training batches over the time spent in
-/// steps) and peak resident memory (VmHWM, the whole process: model loading, and pruning
+/// the steps after --warmup) and peak resident memory (VmHWM, the whole process: model loading, and pruning
 /// when --student is not given, included).
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -22,9 +22,13 @@ pub struct BenchArgs {
     /// The pruned student; default: prune the config's base model first.
     #[arg(long)]
     pub student: Option<PathBuf>,
-    /// Steps to time.
+    /// Steps to run.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// Leading steps left out of tokens/s (the first steps also fault in the process's memory);
+    /// the figure over all steps is printed too.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
     /// Run directory; default: a temporary one, removed afterwards.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -33,6 +37,13 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.steps <= args.warmup {
+        bail!(
+            "--steps ({}) must be more than --warmup ({})",
+            args.steps,
+            args.warmup
+        );
+    }
     let scratch = std::env::temp_dir().join(format!("laco-train-bench-{}", std::process::id()));
     let out = args.out.clone().unwrap_or_else(|| scratch.clone());
     let distill = DistillArgs {
@@ -58,18 +69,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("the benchmark was interrupted");
     };
     let peak_mb = peak_rss_mb();
+    let steady = throughput(&summary.step_times[args.warmup..]);
     eprintln!(
-        "{} steps (batch {} x accumulation {}, max_seq_len {seq}): {:.0} tokens/s; peak RSS {peak_mb:.0} MB; {:.1}s wall in all",
+        "{} steps (batch {} x accumulation {}, max_seq_len {seq}): {steady:.0} tokens/s after {} \
+         warm-up steps ({:.0} over all); peak RSS {peak_mb:.0} MB; {:.1}s wall in all",
         args.steps,
         batch.0,
         batch.1,
+        args.warmup,
         summary.tokens_per_sec,
         started.elapsed().as_secs_f64()
     );
     if args.common.json {
         print_json(&serde_json::json!({
-            "bench": "distill", "steps": args.steps, "batch_size": batch.0, "grad_accum": batch.1,
-            "max_seq_len": seq, "tokens_per_sec": summary.tokens_per_sec, "peak_rss_mb": peak_mb,
+            "bench": "distill", "steps": args.steps, "warmup": args.warmup,
+            "batch_size": batch.0, "grad_accum": batch.1, "max_seq_len": seq,
+            "tokens_per_sec": steady, "tokens_per_sec_all_steps": summary.tokens_per_sec,
+            "peak_rss_mb": peak_mb,
         }));
     }
     Ok(())

@@ -43,6 +43,9 @@ pub struct Summary {
     pub mmlu_recovered: Option<f64>,
     /// Training tokens per second of this process's steps (evaluations and checkpoints excluded).
     pub tokens_per_sec: f64,
+    /// (training tokens, seconds) of each step this process ran, for throughput after a warm-up.
+    #[serde(skip)]
+    pub step_times: Vec<(usize, f64)>,
 }
 
 /// Where and how a run goes, beyond its config.
@@ -148,11 +151,12 @@ pub fn distill<B: AutodiffBackend>(
     let bar = crate::cli::progress_bar("distill");
     bar.set_length(o.max_steps as u64);
     bar.set_position(first_step as u64);
-    let started = std::time::Instant::now();
-    let tokens_before = tokens;
+    let mut step_times = Vec::new();
     let mut saved_at = run.resume.clone();
     let mut tps = f64::NAN;
     for step in first_step..o.max_steps {
+        let step_started = std::time::Instant::now();
+        let tokens_before = tokens;
         // Dropout masks depend on the step alone, so a resumed run draws the same ones.
         B::seed(
             device,
@@ -181,7 +185,8 @@ pub fn distill<B: AutodiffBackend>(
         lm = optim.step(lr, lm, grads);
 
         final_loss = loss_sum;
-        tps = (tokens - tokens_before) as f64 / started.elapsed().as_secs_f64();
+        step_times.push((tokens - tokens_before, step_started.elapsed().as_secs_f64()));
+        tps = throughput(&step_times);
         bar.set_message(format!(
             "loss {loss_sum:.4} kd {kd_sum:.4} ce {ce_sum:.4} {tps:.0} tok/s"
         ));
@@ -296,7 +301,15 @@ pub fn distill<B: AutodiffBackend>(
         mmlu_pruned: mmlu_acc(&mmlu_student),
         mmlu_recovered: mmlu_acc(&mmlu_recovered),
         tokens_per_sec: tps,
+        step_times,
     }))
+}
+
+/// Tokens per second over (tokens, seconds) steps.
+pub fn throughput(steps: &[(usize, f64)]) -> f64 {
+    let tokens: usize = steps.iter().map(|s| s.0).sum();
+    let secs: f64 = steps.iter().map(|s| s.1).sum();
+    tokens as f64 / secs
 }
 
 /// Both forwards and the chunked loss of one micro-batch: `(loss to backpropagate, kd, ce)`,

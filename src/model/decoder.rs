@@ -176,7 +176,10 @@ impl<B: Backend> CausalLm<B> {
     pub fn logits_2d(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
             Some(head) => head.forward_2d(hidden),
-            None => hidden.matmul(self.model.embed_tokens.val().transpose()),
+            None => {
+                let embed = self.model.embed_tokens.val();
+                flex::matmul_t(&hidden, &embed).unwrap_or_else(|| hidden.matmul(embed.transpose()))
+            }
         }
     }
 
