@@ -132,12 +132,11 @@ impl<B: Backend> Attention<B> {
         let k = rope.apply(k, &pos.k);
 
         // 3. (B, L, H, D) -> (B, H, L, D), extended by the cache to all T keys.
-        let k = k.swap_dims(1, 2);
-        let v = v.swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
+        let (k, v) = (k.swap_dims(1, 2), v.swap_dims(1, 2));
         let mask = match mask {
             Mask::Additive(m) => m.as_ref(),
             Mask::Fused(padding) => {

@@ -3,7 +3,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-/// Per layer, keys and values seen so far, each `[batch, kv_heads, seq, head_dim]` after RoPE.
+/// Per layer, keys and values seen so far, each `[batch, seq, kv_heads, head_dim]` after RoPE
+/// (the projections' own layout, so that appending copies whole blocks).
 /// Cloning is cheap (tensors are shared) and appending to a clone leaves the original as it was.
 #[derive(Clone)]
 pub struct KvCache<B: Backend> {
@@ -22,7 +23,7 @@ impl<B: Backend> KvCache<B> {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+            .map_or(0, |(k, _)| k.dims()[1])
     }
 
     pub fn is_empty(&self) -> bool {
@@ -54,7 +55,7 @@ impl<B: Backend> KvCache<B> {
         v: Tensor<B, 4>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let merged = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 1), Tensor::cat(vec![pv, v], 1)),
             None => (k, v),
         };
         self.layers[layer] = Some(merged.clone());
