@@ -12,8 +12,8 @@ use clap::Args;
 use std::path::PathBuf;
 
 /// Measure distillation steps: tokens/s (tokens of the training batches over the time spent in
-/// the steps after --warmup) and peak resident memory (VmHWM, the whole process: model loading, and pruning
-/// when --student is not given, included).
+/// the steps after --warmup) and peak resident memory (VmHWM, the whole process: model loading,
+/// and pruning when --student is not given, included).
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Distill config (see configs/); default: the embedded configs/tiny.toml.

@@ -131,7 +131,7 @@ impl<B: Backend> Attention<B> {
         let q = rope.apply(q, &pos.q).mul_scalar(1.0 / (d as f64).sqrt());
         let k = rope.apply(k, &pos.k);
 
-        // 3. (B, L, H, D) -> (B, H, L, D), extended by the cache to all T keys.
+        // 3. Extended by the cache to all T keys, then viewed as (B, H, T, D) (no copy).
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
