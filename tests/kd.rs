@@ -1,22 +1,24 @@
 //! Distillation losses against golden/kd.json (teacher tiny-qwen3, student its LaCo-rdsc prune).
 
 mod common;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
 use common::*;
-use laco_train::distill::loss::{chunked_kd, Divergence, KdLoss};
+use laco_train::distill::loss::{chunk_sums, chunked_kd, Divergence, KdLoss};
 use laco_train::model::Pretrained;
+
+/// Training's backend: the loss runs as one fused autodiff node there (forward and reverse KL).
+type Ad = Autodiff<B>;
 
 struct Case {
     student: Tensor<B, 2>,
     teacher: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
-    valid: Tensor<B, 1>,
-    rows: usize,
     counted: usize,
     golden: serde_json::Value,
 }
 
-/// Logits at positions 0..S-2 of both models, next-token labels 1..S-1 and their mask.
+/// Logits at the counted positions (next-token label not -100) of both models, and those labels.
 fn case() -> Case {
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("golden/kd.json")).unwrap()).unwrap();
@@ -48,43 +50,62 @@ fn case() -> Case {
         l.reshape([b * (s - 1), v])
     };
     let next: Vec<i64> = labels.iter().flat_map(|r| r[1..].to_vec()).collect();
-    let targets: Vec<i32> = next
-        .iter()
-        .map(|&l| if l == -100 { 0 } else { l as i32 })
+    let rows: Vec<i32> = (0..next.len() as i32)
+        .filter(|&i| next[i as usize] != -100)
         .collect();
-    let valid: Vec<f32> = next
-        .iter()
-        .map(|&l| if l == -100 { 0.0 } else { 1.0 })
-        .collect();
-    let counted = valid.iter().filter(|&&v| v > 0.0).count();
+    let targets: Vec<i32> = rows.iter().map(|&i| next[i as usize] as i32).collect();
+    let counted = rows.len();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [counted]), &device());
     Case {
-        student: logits(&student),
-        teacher: logits(&teacher),
-        targets: Tensor::from_data(TensorData::new(targets, [next.len()]), &device()),
-        valid: Tensor::from_data(TensorData::new(valid, [next.len()]), &device()),
-        rows: next.len(),
+        student: logits(&student).select(0, rows.clone()),
+        teacher: logits(&teacher).select(0, rows),
+        targets: Tensor::from_data(TensorData::new(targets, [counted]), &device()),
         counted,
         golden,
     }
 }
 
-/// (loss, kd, ce) with rows split into chunks of `chunk_rows`.
+/// (loss, kd, ce) with rows split into chunks of `chunk_rows`, on backend `B2`.
+fn losses_on<B2: Backend>(
+    student: Tensor<B2, 2>,
+    teacher: Tensor<B2, 2>,
+    targets: Tensor<B2, 1, Int>,
+    counted: usize,
+    cfg: &KdLoss,
+    chunk_rows: usize,
+) -> (Tensor<B2, 1>, f32, f32) {
+    let sums = chunked_kd(chunk_rows, targets, cfg, |r| {
+        (student.clone().slice(r.clone()), teacher.clone().slice(r))
+    });
+    let (loss, kd, ce) = sums.means(counted, cfg);
+    (loss, kd.into_scalar().elem(), ce.into_scalar().elem())
+}
+
+/// (loss, kd, ce) on the inference backend (generic ops) and on training's (fused), which must
+/// agree within 1e-5; the first is returned.
 fn losses(c: &Case, cfg: &KdLoss, chunk_rows: usize) -> (f32, f32, f32) {
-    let sums = chunked_kd(
-        c.rows,
-        chunk_rows,
+    let (loss, kd, ce) = losses_on(
+        c.student.clone(),
+        c.teacher.clone(),
         c.targets.clone(),
-        c.valid.clone(),
+        c.counted,
         cfg,
-        |r| {
-            (
-                c.student.clone().slice(r.clone()),
-                c.teacher.clone().slice(r),
-            )
-        },
+        chunk_rows,
     );
-    let (loss, kd, ce) = sums.means(c.counted, cfg);
-    (loss.into_scalar(), kd.into_scalar(), ce.into_scalar())
+    let (fl, fkd, fce) = losses_on(
+        Tensor::<Ad, 2>::from_inner(c.student.clone()).require_grad(),
+        Tensor::<Ad, 2>::from_inner(c.teacher.clone()),
+        Tensor::<Ad, 1, Int>::from_inner(c.targets.clone()),
+        c.counted,
+        cfg,
+        chunk_rows,
+    );
+    let loss: f32 = loss.into_scalar();
+    let fl: f32 = fl.into_scalar();
+    for (a, b) in [(loss, fl), (kd, fkd), (ce, fce)] {
+        assert!((a - b).abs() <= 1e-5, "{cfg:?}: generic {a} vs fused {b}");
+    }
+    (loss, kd, ce)
 }
 
 fn close(got: f32, want: &serde_json::Value, what: &str) {
@@ -96,7 +117,7 @@ fn close(got: f32, want: &serde_json::Value, what: &str) {
 fn kd_losses_match_golden_in_any_chunking() {
     let c = case();
     let g = &c.golden;
-    for chunk_rows in [c.rows, 7, 1] {
+    for chunk_rows in [c.counted, 7, 1] {
         for (t, key) in [(1.0, "T=1.0"), (2.0, "T=2.0")] {
             let fwd = KdLoss {
                 divergence: Divergence::ForwardKl,
@@ -155,4 +176,43 @@ fn alpha_mixes_kd_and_ce() {
         &c.golden["ce_student"],
         "alpha 0 is pure CE",
     );
+}
+
+/// The gradient of the loss with respect to the student's logits: the fused node against burn's
+/// generic ops on the same autodiff backend.
+#[test]
+fn fused_loss_gradient_matches_generic_ops() {
+    let c = case();
+    for divergence in [Divergence::ForwardKl, Divergence::ReverseKl] {
+        for temperature in [1.0, 2.0] {
+            let cfg = KdLoss {
+                divergence,
+                temperature,
+                alpha: 0.3,
+                top_k: 16,
+            };
+            let student = Tensor::<Ad, 2>::from_inner(c.student.clone()).require_grad();
+            let teacher = Tensor::<Ad, 2>::from_inner(c.teacher.clone());
+            let targets = Tensor::<Ad, 1, Int>::from_inner(c.targets.clone());
+            let grad = |fused: bool| {
+                let sums = if fused {
+                    chunked_kd(5, targets.clone(), &cfg, |r| {
+                        (student.clone().slice(r.clone()), teacher.clone().slice(r))
+                    })
+                } else {
+                    chunk_sums(student.clone(), teacher.clone(), targets.clone(), &cfg)
+                };
+                let loss = sums.means(c.counted, &cfg).0;
+                student.grad(&loss.backward()).unwrap()
+            };
+            let (fused, generic) = (grad(true), grad(false));
+            let scale: f32 = generic.clone().abs().max().into_scalar();
+            let diff: f32 = (fused - generic).abs().max().into_scalar();
+            assert!(scale > 1e-4, "a gradient to compare");
+            assert!(
+                diff <= 1e-5 * scale,
+                "{divergence:?} T={temperature}: gradients differ by {diff} (max {scale})"
+            );
+        }
+    }
 }

@@ -43,10 +43,11 @@ pub struct Batch<B: Backend> {
     pub ids: Tensor<B, 2, Int>,
     /// `[batch, seq]`, true on padding; `None` when no row is padded.
     pub padding: Option<Tensor<B, 2, Bool>>,
-    /// `[batch * (seq - 1)]` next-token ids (0 where not counted).
+    /// `[count]`: the counted positions (next-token label not -100) among the
+    /// `batch * (seq - 1)` predicting positions (row-major), the only ones the loss reads.
+    pub rows: Tensor<B, 1, Int>,
+    /// `[count]`: their next-token ids.
     pub targets: Tensor<B, 1, Int>,
-    /// `[batch * (seq - 1)]`, 1.0 where the next-token label is not -100.
-    pub valid: Tensor<B, 1>,
     /// Counted positions.
     pub count: usize,
     pub tokens: usize,
@@ -56,9 +57,9 @@ impl<B: Backend> Batch<B> {
     pub fn new(seqs: &[&Sequence], pad_id: u32, device: &B::Device) -> Self {
         let b = seqs.len();
         let s = seqs.iter().map(|q| q.ids.len()).max().unwrap_or(2).max(2);
-        let (mut ids, mut pad, mut targets, mut valid) =
+        let (mut ids, mut pad, mut rows, mut targets) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for q in seqs {
+        for (row, q) in seqs.iter().enumerate() {
             let n = q.ids.len();
             ids.extend(
                 q.ids
@@ -69,18 +70,20 @@ impl<B: Backend> Batch<B> {
             pad.extend((0..s).map(|i| i >= n));
             for t in 1..s {
                 let label = q.labels.get(t).copied().unwrap_or(IGNORE);
-                targets.push(if label == IGNORE { 0 } else { label as i32 });
-                valid.push(if label == IGNORE { 0.0f32 } else { 1.0 });
+                if label != IGNORE {
+                    rows.push((row * (s - 1) + t - 1) as i32);
+                    targets.push(label as i32);
+                }
             }
         }
-        let count = valid.iter().filter(|&&v| v > 0.0).count();
+        let count = rows.len();
         let tokens = seqs.iter().map(|q| q.ids.len()).sum();
         let padded = pad.iter().any(|&p| p);
         Self {
             ids: Tensor::from_data(TensorData::new(ids, [b, s]), device),
             padding: padded.then(|| Tensor::from_data(TensorData::new(pad, [b, s]), device)),
-            targets: Tensor::from_data(TensorData::new(targets, [b * (s - 1)]), device),
-            valid: Tensor::from_data(TensorData::new(valid, [b * (s - 1)]), device),
+            rows: Tensor::from_data(TensorData::new(rows, [count]), device),
+            targets: Tensor::from_data(TensorData::new(targets, [count]), device),
             count,
             tokens,
         }

@@ -7,6 +7,7 @@
 //! torchtune's chunked KD loss, each chunk's sums are added un-normalised and divided once by
 //! the number of counted rows.
 
+use super::kd_kernel;
 use crate::eval::ppl::token_nll;
 use crate::model::chunk::row_chunks;
 use burn::tensor::{activation::log_softmax, backend::Backend, DType, Int, Tensor};
@@ -74,28 +75,23 @@ impl<B: Backend> LossSums<B> {
 
 /// The one chunk driver: for each range of `chunk_rows` rows (see
 /// [`crate::model::chunk::rows_per_chunk`]), `logits(range)` gives `(student, teacher)` logits
-/// `[rows, vocab]` of those rows, and their KD and CE sums are accumulated.
+/// `[rows, vocab]` of those rows, and their KD and CE sums are accumulated. Every row counts:
+/// positions whose label is -100 are left out before (see [`crate::data::batch::Batch::rows`]).
 ///
-/// - `targets`: `[rows]` next-token ids, any value where `valid` is 0
-/// - `valid`: `[rows]`, 1.0 where the label is not -100
+/// - `targets`: `[rows]` next-token ids
 pub fn chunked_kd<B: Backend>(
-    rows: usize,
     chunk_rows: usize,
     targets: Tensor<B, 1, Int>,
-    valid: Tensor<B, 1>,
     cfg: &KdLoss,
     mut logits: impl FnMut(Range<usize>) -> (Tensor<B, 2>, Tensor<B, 2>),
 ) -> LossSums<B> {
+    let rows = targets.dims()[0];
     let mut total: Option<LossSums<B>> = None;
     for r in row_chunks(rows, chunk_rows) {
         let (student, teacher) = logits(r.clone());
-        let sums = chunk_sums(
-            student,
-            teacher,
-            targets.clone().slice(r.clone()),
-            valid.clone().slice(r),
-            cfg,
-        );
+        let targets = targets.clone().slice(r);
+        let sums = kd_kernel::chunk_sums(&student, &teacher, &targets, cfg)
+            .unwrap_or_else(|| chunk_sums(student, teacher, targets, cfg));
         total = Some(match total {
             Some(t) => t.add(sums),
             None => sums,
@@ -104,12 +100,11 @@ pub fn chunked_kd<B: Backend>(
     total.expect("at least one row")
 }
 
-/// KD and CE sums of one chunk, in f32.
-fn chunk_sums<B: Backend>(
+/// KD and CE sums of one chunk in f32, with burn's generic ops (any backend, every divergence).
+pub fn chunk_sums<B: Backend>(
     student: Tensor<B, 2>,
     teacher: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
-    valid: Tensor<B, 1>,
     cfg: &KdLoss,
 ) -> LossSums<B> {
     let student = student.cast(DType::F32);
@@ -132,9 +127,7 @@ fn chunk_sums<B: Backend>(
             (lt.clone().exp() * (lt - ls.gather(1, ids))).sum_dim(1)
         }
     };
-    let kd = (per_row.reshape([n]) * valid.clone())
-        .sum()
-        .mul_scalar(t * t);
-    let ce = (token_nll(student, targets) * valid).sum();
+    let kd = per_row.reshape([n]).sum().mul_scalar(t * t);
+    let ce = token_nll(student, targets).sum();
     LossSums { kd, ce }
 }

@@ -4,5 +4,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
 pub mod events;
+pub mod kd_kernel;
 pub mod loss;
 pub mod trainer;

@@ -322,9 +322,10 @@ fn loss_step<B: AutodiffBackend>(
     cfg: &DistillConfig,
     count: usize,
 ) -> (Tensor<B, 1>, f64, f64) {
+    // Only the counted positions reach the lm_head and the loss.
     let hidden =
-        predicting_rows(lm.hidden(batch.ids.clone(), rope, batch.padding.as_ref(), None, None));
-    let rows = hidden.dims()[0];
+        predicting_rows(lm.hidden(batch.ids.clone(), rope, batch.padding.as_ref(), None, None))
+            .select(0, batch.rows.clone());
     let t_padding = batch.padding.clone().map(|p| p.inner());
     let t_hidden = teacher.lm.hidden(
         batch.ids.clone().inner(),
@@ -333,20 +334,13 @@ fn loss_step<B: AutodiffBackend>(
         None,
         None,
     );
-    let t_hidden = predicting_rows(t_hidden);
+    let t_hidden = predicting_rows(t_hidden).select(0, batch.rows.clone().inner());
     let chunk = rows_per_chunk(teacher.config.vocab_size);
-    let sums = chunked_kd(
-        rows,
-        chunk,
-        batch.targets.clone(),
-        batch.valid.clone(),
-        &cfg.loss,
-        |r| {
-            let student = lm.logits_2d(hidden.clone().slice(r.clone()));
-            let teacher = Tensor::from_inner(teacher.lm.logits_2d(t_hidden.clone().slice(r)));
-            (student, teacher)
-        },
-    );
+    let sums = chunked_kd(chunk, batch.targets.clone(), &cfg.loss, |r| {
+        let student = lm.logits_2d(hidden.clone().slice(r.clone()));
+        let teacher = Tensor::from_inner(teacher.lm.logits_2d(t_hidden.clone().slice(r)));
+        (student, teacher)
+    });
     let (loss, kd, ce) = sums.means(count, &cfg.loss);
     (
         loss,

@@ -176,10 +176,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn logits_2d(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
             Some(head) => head.forward_2d(hidden),
-            None => {
-                let embed = self.model.embed_tokens.val();
-                flex::matmul_t(&hidden, &embed).unwrap_or_else(|| hidden.matmul(embed.transpose()))
-            }
+            None => super::linear::project(hidden, self.model.embed_tokens.val(), None),
         }
     }
 

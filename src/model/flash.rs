@@ -8,7 +8,8 @@
 //! normalised on the way into the `[batch, seq, heads * head_dim]` layout that o_proj reads.
 //! Other backends, autodiff (training) and other dtypes take the generic path.
 
-use super::flex::{from_vec, gemm, softmax_row, SharedOut, View};
+use super::flex::{from_vec, gemm, SharedOut, View, Write};
+use super::simd::softmax_row;
 use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
 
@@ -71,6 +72,7 @@ pub fn attention<B: Backend>(
                     (s.scores.as_mut_ptr(), 1, seen as isize),
                     (s.queries.as_ptr(), 1, d as isize),
                     (k.at(&[b, g, 0, 0]), k.strides[2], k.strides[3]),
+                    Write::Set(1.0),
                 );
             }
             s.inv_sums.clear();
@@ -85,6 +87,7 @@ pub fn attention<B: Backend>(
                     (s.values.as_mut_ptr(), 1, d as isize),
                     (s.scores.as_ptr(), 1, seen as isize),
                     (v.at(&[b, g, 0, 0]), v.strides[3], v.strides[2]),
+                    Write::Set(1.0),
                 );
             }
             for (row, (vals, inv)) in s.values.chunks_exact(d).zip(&s.inv_sums).enumerate() {

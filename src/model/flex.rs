@@ -4,6 +4,7 @@
 //! function returns `None` for any other backend (CUDA), for autodiff (training) and for other
 //! dtypes, and the caller runs its generic tensor ops instead. Attention is in [`super::flash`].
 
+use super::simd::{logsumexp_row, silu_mul_slice};
 use burn::backend::Flex;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
@@ -16,9 +17,6 @@ pub fn supported<B: Backend>(dtype: DType) -> bool {
 }
 
 /// `x [m, k] x w^T` for a weight `w [n, k]` (a Hugging Face projection) -> `[m, n]`.
-///
-/// The gemm crate parallelises small-`m` products poorly; here the output columns are split
-/// into one block per thread, each a single-threaded gemm.
 pub fn matmul_t<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     if !supported::<B>(x.dtype()) || w.dtype() != DType::F32 {
         return None;
@@ -27,26 +25,16 @@ pub fn matmul_t<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor
     let n = w.dims()[0];
     let (x, w) = (View::of(x.clone())?, View::of(w.clone())?);
     let mut out = vec![0f32; m * n];
-    let dst = SharedOut(out.as_mut_ptr());
-    let parts = if m * n * k < 1 << 18 {
-        1
-    } else {
-        rayon::current_num_threads()
+    // SAFETY: the views bound the operands; `out` is `[m, n]`.
+    unsafe {
+        par_gemm(
+            [m, n, k],
+            &mut out,
+            Operand::new(x.at(&[0, 0]), x.strides[1], x.strides[0]),
+            Operand::new(w.at(&[0, 0]), w.strides[0], w.strides[1]),
+            Write::Set(1.0),
+        )
     };
-    let width = n.div_ceil(parts).next_multiple_of(16);
-    (0..n.div_ceil(width)).into_par_iter().for_each(|p| {
-        let c0 = p * width;
-        let cols = width.min(n - c0);
-        // SAFETY: the views bound the operands; each part writes its own columns of `out`.
-        unsafe {
-            gemm(
-                [m, cols, k],
-                (dst.at(c0), 1, n as isize),
-                (x.at(&[0, 0]), x.strides[1], x.strides[0]),
-                (w.at(&[c0, 0]), w.strides[0], w.strides[1]),
-            )
-        }
-    });
     Some(from_vec(out, [m, n]))
 }
 
@@ -146,8 +134,8 @@ impl SharedOut {
     }
 }
 
-/// `dst[m, n] = lhs[m, k] x rhs[k, n]`, each given as (pointer, column stride, row stride),
-/// single-threaded.
+/// `dst[m, n] = scale x lhs[m, k] x rhs[k, n]` (or `+=` it), each given as (pointer, column
+/// stride, row stride), single-threaded.
 ///
 /// # Safety
 /// Every pointer with its strides must address valid `f32`s for the given dimensions.
@@ -156,7 +144,12 @@ pub(super) unsafe fn gemm(
     dst: (*mut f32, isize, isize),
     lhs: (*const f32, isize, isize),
     rhs: (*const f32, isize, isize),
+    acc: Write,
 ) {
+    let (read_dst, beta) = match acc {
+        Write::Set(scale) => (false, scale),
+        Write::Add(scale) => (true, scale),
+    };
     unsafe {
         gemm::gemm(
             m,
@@ -165,15 +158,15 @@ pub(super) unsafe fn gemm(
             dst.0,
             dst.1,
             dst.2,
-            false,
+            read_dst,
             lhs.0,
             lhs.1,
             lhs.2,
             rhs.0,
             rhs.1,
             rhs.2,
-            0.0,
             1.0,
+            beta,
             false,
             false,
             false,
@@ -182,197 +175,96 @@ pub(super) unsafe fn gemm(
     }
 }
 
-/// Defines `$name` running the `#[inline(always)]` function `$body` compiled for AVX-512 or
-/// AVX2 + FMA when the CPU has them, so that its loops vectorise.
-macro_rules! vectorised {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
-        $(#[$doc])*
-        pub(super) fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                fn v4($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn v3($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
-                }
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F.
-                    return unsafe { v4($($arg),*) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has AVX2 and FMA.
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
+/// A matrix operand of [`par_gemm`]: pointer to element (0, 0), column stride, row stride.
+#[derive(Clone, Copy)]
+pub(super) struct Operand {
+    ptr: *const f32,
+    cs: isize,
+    rs: isize,
 }
+// SAFETY: operands are only read, by tasks that all outlive no borrow of the data.
+unsafe impl Sync for Operand {}
+unsafe impl Send for Operand {}
 
-vectorised! {
-    /// Unnormalised softmax of one row of scores over its first `visible` keys minus padded
-    /// ones: `exp(x - max)` there, 0 everywhere else; returns 1 / their sum (0 when no key is
-    /// visible).
-    fn softmax_row(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -> f32 = softmax_row_body
-}
+impl Operand {
+    pub fn new(ptr: *const f32, cs: isize, rs: isize) -> Self {
+        Self { ptr, cs, rs }
+    }
 
-vectorised! {
-    fn logsumexp_row(row: &[f32]) -> f32 = logsumexp_row_body
-}
+    /// A row-major `[rows, cols]` buffer.
+    pub fn rows(data: &[f32], cols: usize) -> Self {
+        Self::new(data.as_ptr(), 1, cols as isize)
+    }
 
-vectorised! {
-    fn silu_mul_slice(out: &mut [f32], gate: &[f32], up: &[f32]) -> () = silu_mul_body
-}
+    /// The transpose of a row-major `[rows, cols]` buffer, seen as `[cols, rows]`.
+    pub fn transposed(data: &[f32], cols: usize) -> Self {
+        Self::new(data.as_ptr(), cols as isize, 1)
+    }
 
-#[inline(always)]
-fn softmax_row_body(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -> f32 {
-    let (live, hidden) = row.split_at_mut(visible);
-    hidden.fill(0.0);
-    if let Some(pad) = padding {
-        for (x, &p) in live.iter_mut().zip(pad) {
-            if p {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-    }
-    let max = lane_fold(live, f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        live.fill(0.0);
-        return 0.0;
-    }
-    let mut acc = [0f32; LANES];
-    let mut chunks = live.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *x = exp(*x - max);
-            *a += *x;
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp(*x - max);
-        sum += *x;
-    }
-    1.0 / sum
-}
-
-#[inline(always)]
-fn logsumexp_row_body(row: &[f32]) -> f32 {
-    let max = lane_fold(row, f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        return max;
-    }
-    let mut acc = [0f32; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - max)).sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += exp(x - max);
-        }
-    }
-    (acc.iter().sum::<f32>() + tail).ln() + max
-}
-
-#[inline(always)]
-fn silu_mul_body(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp(-g)) * u;
+    /// The same operand starting at element (row, col).
+    fn at(self, row: usize, col: usize) -> Self {
+        let offset = row as isize * self.rs + col as isize * self.cs;
+        // SAFETY: callers stay inside the operand's dimensions.
+        Self::new(unsafe { self.ptr.offset(offset) }, self.cs, self.rs)
     }
 }
 
-/// Lanes of the reductions, so that they vectorise.
-const LANES: usize = 16;
-
-/// Folds `xs` with `f` in [`LANES`] independent accumulators, then folds those.
-#[inline(always)]
-fn lane_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a = f(*a, x);
-        }
-    }
-    let lanes = acc.into_iter().fold(init, &f);
-    tail.iter().fold(lanes, |a, &x| f(a, x))
+/// What a gemm writes: `scale x lhs x rhs` over its destination, or added to it.
+#[derive(Clone, Copy)]
+pub(super) enum Write {
+    Set(f32),
+    Add(f32),
 }
 
-/// `e^x` to about 1 ulp (Cephes' expf polynomial), branch-free so that loops over it vectorise;
-/// `-inf` gives 0 and large `x` saturates at `e^88.38`.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let underflow = x < -87.336_55;
-    let x = x.clamp(-87.336_55, 88.376_26);
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
-    if underflow {
-        0.0
+/// `dst[m, n] (row-major) = scale x lhs[m, k] x rhs[k, n]`, or `+=` that product.
+///
+/// The gemm crate parallelises these shapes (a few hundred to a few thousand rows) poorly; here
+/// the output is split into one block per thread, each a single-threaded gemm: by columns when
+/// there are enough of them (each thread then packs only its part of `rhs`, a weight), else by
+/// rows.
+///
+/// # Safety
+/// `lhs` and `rhs` must address valid `f32`s for the given dimensions.
+pub(super) unsafe fn par_gemm(
+    [m, n, k]: [usize; 3],
+    dst: &mut [f32],
+    lhs: Operand,
+    rhs: Operand,
+    acc: Write,
+) {
+    assert!(dst.len() >= m * n);
+    let out = SharedOut(dst.as_mut_ptr());
+    let threads = if m * n * k < 1 << 18 {
+        1
     } else {
-        e * scale
-    }
+        rayon::current_num_threads()
+    };
+    let by_cols = n >= 128 || n >= m;
+    let along = if by_cols { n } else { m };
+    let width = along.div_ceil(threads).next_multiple_of(16);
+    (0..along.div_ceil(width)).into_par_iter().for_each(|p| {
+        let start = p * width;
+        let len = width.min(along - start);
+        let (rows, cols, d, l, r) = if by_cols {
+            (m, len, out.at(start), lhs, rhs.at(0, start))
+        } else {
+            (len, n, out.at(start * n), lhs.at(start, 0), rhs)
+        };
+        // SAFETY: each part writes its own block of `dst`; the operands are the caller's.
+        unsafe {
+            gemm(
+                [rows, cols, k],
+                (d, 1, n as isize),
+                l.parts(),
+                r.parts(),
+                acc,
+            )
+        }
+    });
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_matches_std() {
-        let mut worst = 0f32;
-        for i in -8700..=8800 {
-            let x = i as f32 * 0.01;
-            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
-            worst = worst.max(rel);
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp(-100.0), 0.0);
-    }
-
-    #[test]
-    fn softmax_masks_future_and_padding() {
-        let mut row = vec![1.0, 2.0, 3.0, 4.0];
-        let inv = softmax_row(&mut row, 3, Some(&[false, true, false, false]));
-        let e = [1f32.exp(), 0.0, 3f32.exp()];
-        let sum: f32 = e.iter().sum();
-        for (got, want) in row.iter().zip(e.iter().map(|x| x / sum).chain([0.0])) {
-            assert!((got * inv - want).abs() < 1e-6, "{row:?}");
-        }
-    }
-
-    #[test]
-    fn row_kernels_match_scalar_math() {
-        let row: Vec<f32> = (0..1003)
-            .map(|i| ((i * 37) % 101) as f32 * 0.21 - 9.0)
-            .collect();
-        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let lse = row.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max;
-        assert!((logsumexp_row(&row) - lse).abs() < 1e-5);
-        let up: Vec<f32> = row.iter().map(|x| x * 0.5 + 1.0).collect();
-        let mut out = vec![0.0; row.len()];
-        silu_mul_slice(&mut out, &row, &up);
-        for ((o, g), u) in out.iter().zip(&row).zip(&up) {
-            let want = g / (1.0 + (-g).exp()) * u;
-            assert!(
-                (o - want).abs() <= 1e-6 * want.abs().max(1.0),
-                "{o} vs {want}"
-            );
-        }
+impl Operand {
+    fn parts(self) -> (*const f32, isize, isize) {
+        (self.ptr, self.cs, self.rs)
     }
 }

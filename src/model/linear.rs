@@ -1,6 +1,6 @@
 //! A projection stored as Hugging Face stores it: `weight` is `[out_features, in_features]`.
 
-use super::{checkpoint::Checkpoint, flex, lora::Lora, save::Weight};
+use super::{checkpoint::Checkpoint, flex, flex_grad, lora::Lora, save::Weight};
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
@@ -57,14 +57,9 @@ impl<B: Backend> Linear<B> {
 
     /// `[rows, in]` -> `[rows, out]`.
     pub fn forward_2d(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let w = self.weight.val();
-        let y = flex::matmul_t(&x, &w).unwrap_or_else(|| x.clone().matmul(w.transpose()));
-        let y = match &self.bias {
+        let y = project(x, self.weight.val(), self.lora.as_ref());
+        match &self.bias {
             Some(b) => y + b.val().unsqueeze::<2>(),
-            None => y,
-        };
-        match &self.lora {
-            Some(lora) => y + lora.delta(x),
             None => y,
         }
     }
@@ -78,5 +73,23 @@ impl<B: Backend> Linear<B> {
         if let Some(b) = &self.bias {
             out.push((format!("{prefix}.bias"), Weight::Vector(b.val())));
         }
+    }
+}
+
+/// `x [rows, in] x w^T` for a weight `w [out, in]`, plus the adapter's update: one autodiff node
+/// when training on the CPU ([`flex_grad::linear`]), the direct gemm for CPU inference, burn's
+/// generic ops elsewhere.
+pub fn project<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    lora: Option<&Lora<B>>,
+) -> Tensor<B, 2> {
+    if let Some(y) = flex_grad::linear(&x, &w, lora) {
+        return y;
+    }
+    let y = flex::matmul_t(&x, &w).unwrap_or_else(|| x.clone().matmul(w.transpose()));
+    match lora {
+        Some(lora) => y + lora.delta(x),
+        None => y,
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod decoder;
 pub mod flash;
 pub mod flex;
+pub mod flex_grad;
 pub mod generate;
 pub mod linear;
 pub mod lora;
@@ -15,6 +16,7 @@ pub mod mlp;
 pub mod norm;
 pub mod rope;
 pub mod save;
+pub mod simd;
 pub mod tokenizer;
 
 use anyhow::{bail, Result};

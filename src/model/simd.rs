@@ -1,0 +1,235 @@
+//! Row kernels of the direct CPU paths, written so that their loops vectorise: a Cephes exp,
+//! reductions in [`LANES`] accumulators, and [`vectorised!`], which compiles a kernel for
+//! AVX-512 or AVX2 + FMA and picks one at run time.
+
+/// Defines `$name` running the `#[inline(always)]` function `$body` compiled for AVX-512 or
+/// AVX2 + FMA when the CPU has them, so that its loops vectorise.
+macro_rules! vectorised {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+        $(#[$doc])*
+        pub(crate) fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                fn v4($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn v3($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { v4($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use vectorised;
+
+vectorised! {
+    /// Unnormalised softmax of one row of scores over its first `visible` keys minus padded
+    /// ones: `exp(x - max)` there, 0 everywhere else; returns 1 / their sum (0 when no key is
+    /// visible).
+    fn softmax_row(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -> f32 = softmax_row_body
+}
+
+vectorised! {
+    fn logsumexp_row(row: &[f32]) -> f32 = logsumexp_row_body
+}
+
+vectorised! {
+    fn silu_mul_slice(out: &mut [f32], gate: &[f32], up: &[f32]) -> () = silu_mul_body
+}
+
+vectorised! {
+    /// Inverted-dropout factors of elements `first..first + out.len()` of one mask: `scale`
+    /// where a counter-based hash of (seed, index) is below `threshold`, else 0. The same seed
+    /// gives the same mask, so a backward pass regenerates its forward pass's mask.
+    fn dropout_scales(out: &mut [f32], first: u32, seed: u64, threshold: u32, scale: f32) -> () = dropout_body
+}
+
+#[inline(always)]
+fn softmax_row_body(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -> f32 {
+    let (live, hidden) = row.split_at_mut(visible);
+    hidden.fill(0.0);
+    if let Some(pad) = padding {
+        for (x, &p) in live.iter_mut().zip(pad) {
+            if p {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let max = lane_fold(live, f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        live.fill(0.0);
+        return 0.0;
+    }
+    let mut acc = [0f32; LANES];
+    let mut chunks = live.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *x = exp(*x - max);
+            *a += *x;
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        sum += *x;
+    }
+    1.0 / sum
+}
+
+#[inline(always)]
+fn logsumexp_row_body(row: &[f32]) -> f32 {
+    logsumexp_scaled(row, 1.0)
+}
+
+/// `log(sum(exp(row x scale)))` for `scale > 0`; inline it into a [`vectorised!`] kernel.
+#[inline(always)]
+pub(crate) fn logsumexp_scaled(row: &[f32], scale: f32) -> f32 {
+    let max = lane_fold(row, f32::NEG_INFINITY, f32::max) * scale;
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let mut acc = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| exp(x * scale - max))
+        .sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += exp(x * scale - max);
+        }
+    }
+    (acc.iter().sum::<f32>() + tail).ln() + max
+}
+
+#[inline(always)]
+fn silu_mul_body(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
+}
+
+#[inline(always)]
+fn dropout_body(out: &mut [f32], first: u32, seed: u64, threshold: u32, scale: f32) {
+    let (lo, hi) = (seed as u32, (seed >> 32) as u32);
+    for (i, o) in (first..).zip(out.iter_mut()) {
+        let h = mix32(mix32(i ^ lo) ^ hi);
+        *o = if h < threshold { scale } else { 0.0 };
+    }
+}
+
+/// Chris Wellons' `lowbias32` integer hash.
+#[inline(always)]
+fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+/// Lanes of the reductions, so that they vectorise.
+pub(crate) const LANES: usize = 16;
+
+/// Folds `xs` with `f` in [`LANES`] independent accumulators, then folds those.
+#[inline(always)]
+pub(crate) fn lane_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = f(*a, x);
+        }
+    }
+    let lanes = acc.into_iter().fold(init, &f);
+    tail.iter().fold(lanes, |a, &x| f(a, x))
+}
+
+/// `e^x` to about 1 ulp (Cephes' expf polynomial), branch-free so that loops over it vectorise;
+/// `-inf` gives 0 and large `x` saturates at `e^88.38`.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to an integer kept in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let underflow = x < -87.336_55;
+    let x = x.clamp(-87.336_55, 88.376_26);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
+    if underflow {
+        0.0
+    } else {
+        e * scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_std() {
+        let mut worst = 0f32;
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+    }
+
+    #[test]
+    fn softmax_masks_future_and_padding() {
+        let mut row = vec![1.0, 2.0, 3.0, 4.0];
+        let inv = softmax_row(&mut row, 3, Some(&[false, true, false, false]));
+        let e = [1f32.exp(), 0.0, 3f32.exp()];
+        let sum: f32 = e.iter().sum();
+        for (got, want) in row.iter().zip(e.iter().map(|x| x / sum).chain([0.0])) {
+            assert!((got * inv - want).abs() < 1e-6, "{row:?}");
+        }
+    }
+
+    #[test]
+    fn row_kernels_match_scalar_math() {
+        let row: Vec<f32> = (0..1003)
+            .map(|i| ((i * 37) % 101) as f32 * 0.21 - 9.0)
+            .collect();
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let lse = row.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max;
+        assert!((logsumexp_row(&row) - lse).abs() < 1e-5);
+        let up: Vec<f32> = row.iter().map(|x| x * 0.5 + 1.0).collect();
+        let mut out = vec![0.0; row.len()];
+        silu_mul_slice(&mut out, &row, &up);
+        for ((o, g), u) in out.iter().zip(&row).zip(&up) {
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!(
+                (o - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{o} vs {want}"
+            );
+        }
+    }
+}
