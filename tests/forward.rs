@@ -1,6 +1,7 @@
 //! The decoder against transformers' goldens on the bundled tiny Qwen3.
 
 mod common;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 use common::*;
@@ -151,12 +152,13 @@ fn cached_padded_logits<Bk: Backend>(
 
 #[test]
 fn fused_cpu_attention_equals_the_generic_path() {
-    // Flex runs attention through model::flash; autodiff backends (training) through tensor
-    // ops. Two right-padded rows of 300 tokens on top of a 40-token cached prefix cross both
-    // paths' query blocks; the logits of every unpadded position must agree.
+    // Flex and Autodiff<Flex> (training) run attention through model::flash; other backends
+    // (here autodiff with a checkpointing strategy) through tensor ops. Two right-padded rows
+    // of 300 tokens on top of a 40-token cached prefix cross both paths' query blocks; the
+    // logits of every unpadded position must agree.
     let path = fixture("tiny-qwen3");
     let fused = Pretrained::<B>::load(&path, &device()).unwrap();
-    let generic = Pretrained::<Autodiff<B>>::load(&path, &device()).unwrap();
+    let generic = Pretrained::<Autodiff<B, BalancedCheckpointing>>::load(&path, &device()).unwrap();
     let (prefix, seq, lens) = (40, 300, [300, 217]);
     let ids: Vec<i32> = (0..prefix + 2 * seq)
         .map(|i| ((i * 7919) % 2000 + 50) as i32)

@@ -6,7 +6,11 @@
 
 use super::checkpoint::{self, Optim, State};
 use super::evaluate::{Baseline, HeldOut};
-use super::{config::DistillConfig, events, loss::chunked_kd};
+use super::{
+    config::DistillConfig,
+    events,
+    loss::{chunked_kd, KdLoss},
+};
 use crate::data::batch::Batch;
 use crate::data::mixture::Mixture;
 use crate::eval::mmlu::Report;
@@ -172,7 +176,7 @@ pub fn distill<B: AutodiffBackend>(
         let mut acc = GradientsAccumulator::new();
         let (mut loss_sum, mut kd_sum, mut ce_sum) = (0.0, 0.0, 0.0);
         for batch in &micro {
-            let (loss, kd, ce) = loss_step(&lm, &student.rope, &teacher, batch, cfg, count);
+            let (loss, kd, ce) = loss_step(&lm, &student.rope, &teacher, batch, &cfg.loss, count);
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             kd_sum += kd;
             ce_sum += ce;
@@ -314,12 +318,12 @@ pub fn throughput(steps: &[(usize, f64)]) -> f64 {
 
 /// Both forwards and the chunked loss of one micro-batch: `(loss to backpropagate, kd, ce)`,
 /// the loss already divided by the step's `count`.
-fn loss_step<B: AutodiffBackend>(
+pub fn loss_step<B: AutodiffBackend>(
     lm: &CausalLm<B>,
     rope: &Rope<B>,
     teacher: &Pretrained<B::InnerBackend>,
     batch: &Batch<B>,
-    cfg: &DistillConfig,
+    loss: &KdLoss,
     count: usize,
 ) -> (Tensor<B, 1>, f64, f64) {
     // Only the counted positions reach the lm_head and the loss.
@@ -336,12 +340,12 @@ fn loss_step<B: AutodiffBackend>(
     );
     let t_hidden = predicting_rows(t_hidden).select(0, batch.rows.clone().inner());
     let chunk = rows_per_chunk(teacher.config.vocab_size);
-    let sums = chunked_kd(chunk, batch.targets.clone(), &cfg.loss, |r| {
+    let sums = chunked_kd(chunk, batch.targets.clone(), loss, |r| {
         let student = lm.logits_2d(hidden.clone().slice(r.clone()));
         let teacher = Tensor::from_inner(teacher.lm.logits_2d(t_hidden.clone().slice(r)));
         (student, teacher)
     });
-    let (loss, kd, ce) = sums.means(count, &cfg.loss);
+    let (loss, kd, ce) = sums.means(count, loss);
     (
         loss,
         kd.into_scalar().elem::<f64>(),

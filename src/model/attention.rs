@@ -141,7 +141,7 @@ impl<B: Backend> Attention<B> {
             Mask::Additive(m) => m.as_ref(),
             Mask::Fused(padding) => {
                 let out = flash::attention(q, k, v, padding.as_deref())
-                    .expect("Mask::Fused is only chosen where flash::supported");
+                    .expect("Mask::Fused is only chosen where flex or flex_grad supports B");
                 return self.o_proj.forward(out);
             }
         };

@@ -7,7 +7,7 @@ use super::{
     cache::KvCache,
     checkpoint::Checkpoint,
     config::ModelConfig,
-    flex,
+    flex, flex_grad,
     linear::Linear,
     mlp::Mlp,
     norm::RmsNorm,
@@ -143,7 +143,7 @@ impl<B: Backend> CausalLm<B> {
         let device = ids.device();
         let pos = rope.at(start, seq, attn.num_heads, attn.num_kv_heads, &device);
         let mut x = embedding(self.model.embed_tokens.val(), ids);
-        let mask = if flex::supported::<B>(x.dtype()) {
+        let mask = if flex::supported::<B>(x.dtype()) || flex_grad::supported::<B>(x.dtype()) {
             Mask::Fused(key_padding.map(|p| p.clone().into_data().iter::<bool>().collect()))
         } else {
             Mask::Additive(attention_mask::<B>(

@@ -14,7 +14,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
 
 /// Queries per task.
-const BLOCK: usize = 64;
+pub(super) const BLOCK: usize = 64;
 
 /// Causal attention of queries at the last `seq` of `keys` positions.
 ///
@@ -30,14 +30,66 @@ pub fn attention<B: Backend>(
     v: Tensor<B, 4>,
     padding: Option<&[bool]>,
 ) -> Option<Tensor<B, 3>> {
-    let [batch, seq, heads, d] = q.dims();
-    let [_, kv_heads, keys, _] = k.dims();
+    if !super::flex::supported::<B>(q.dtype()) {
+        return super::flash_grad::attention(q, k, v, padding);
+    }
+    let dims = Dims::of(&q, &k);
     let (q, k, v) = (View::of(q)?, View::of(k)?, View::of(v)?);
+    let out = forward(&q, &k, &v, dims, padding, None);
+    Some(from_vec(out, [dims.batch, dims.seq, dims.heads * dims.d]))
+}
+
+/// The sizes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dims {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub keys: usize,
+    pub d: usize,
+}
+
+impl Dims {
+    pub fn of<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> Self {
+        let [batch, seq, heads, d] = q.dims();
+        let [_, kv_heads, keys, _] = k.dims();
+        Self {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            keys,
+            d,
+        }
+    }
+}
+
+/// The attention output `[batch, seq, heads * d]`, row-major; with `lse` (`[batch, heads, seq]`)
+/// also each query row's log-sum-exp of its visible scores (what a backward pass needs to
+/// recompute the probabilities).
+pub(super) fn forward(
+    q: &View,
+    k: &View,
+    v: &View,
+    dims: Dims,
+    padding: Option<&[bool]>,
+    lse: Option<&mut [f32]>,
+) -> Vec<f32> {
+    let Dims {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        keys,
+        d,
+    } = dims;
     let start = keys - seq;
     let rep = heads / kv_heads;
     let blocks = seq.div_ceil(BLOCK);
     let mut out = vec![0f32; batch * seq * heads * d];
     let dst = SharedOut(out.as_mut_ptr());
+    let lse = lse.map(|l| SharedOut(l.as_mut_ptr()));
     (0..batch * kv_heads * blocks)
         .into_par_iter()
         .for_each_init(Scratch::default, |s: &mut Scratch, task| {
@@ -48,16 +100,7 @@ pub fn attention<B: Backend>(
             );
             let rows = BLOCK.min(seq - r0);
             let seen = start + r0 + rows;
-            // The block's queries of the `rep` heads that share KV head `g`, head-major.
-            s.queries.clear();
-            for h in g * rep..(g + 1) * rep {
-                for i in r0..r0 + rows {
-                    let row = q.at(&[b, i, h, 0]);
-                    // SAFETY: `q` is `[batch, seq, heads, d]` and (b, i, h, j) lies inside it.
-                    let at = |j: usize| unsafe { *row.offset(j as isize * q.strides[3]) };
-                    s.queries.extend((0..d).map(at));
-                }
-            }
+            queries(q, b, g * rep..(g + 1) * rep, r0..r0 + rows, &mut s.queries);
             let m = rep * rows;
             s.scores.clear();
             s.scores.resize(m * seen, 0.0);
@@ -78,7 +121,13 @@ pub fn attention<B: Backend>(
             s.inv_sums.clear();
             for (row, scores) in s.scores.chunks_exact_mut(seen).enumerate() {
                 let visible = start + r0 + row % rows + 1;
-                s.inv_sums.push(softmax_row(scores, visible, pad));
+                let (max, inv) = softmax_row(scores, visible, pad);
+                s.inv_sums.push(inv);
+                if let Some(lse) = &lse {
+                    let (h, i) = (g * rep + row / rows, r0 + row % rows);
+                    // SAFETY: (b, h, i) is inside `lse`, written by this task only.
+                    unsafe { *lse.at((b * heads + h) * seq + i) = max - inv.ln() };
+                }
             }
             // SAFETY: as above.
             unsafe {
@@ -102,7 +151,28 @@ pub fn attention<B: Backend>(
                 }
             }
         });
-    Some(from_vec(out, [batch, seq, heads * d]))
+    out
+}
+
+/// Gathers the query rows `rows` of heads `heads` of batch row `b` from `q [batch, seq, heads,
+/// d]` into `dst`, head-major: `[heads.len() * rows.len(), d]`.
+pub(super) fn queries(
+    q: &View,
+    b: usize,
+    heads: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+    dst: &mut Vec<f32>,
+) {
+    let d = q.dims[3];
+    dst.clear();
+    for h in heads {
+        for i in rows.clone() {
+            let row = q.at(&[b, i, h, 0]);
+            // SAFETY: (b, i, h, j) lies inside `q`.
+            let at = |j: usize| unsafe { *row.offset(j as isize * q.strides[3]) };
+            dst.extend((0..d).map(at));
+        }
+    }
 }
 
 /// Per-thread buffers of the attention tasks.

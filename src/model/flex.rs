@@ -84,9 +84,11 @@ pub(super) fn from_vec<B: Backend, const D: usize>(
     Tensor::from_primitive(TensorPrimitive::Float(*prim))
 }
 
-/// A Flex tensor's storage with its element strides (all positive).
+/// A Flex tensor's storage with its dimensions and element strides (all positive).
+#[derive(Debug, Clone)]
 pub(super) struct View {
     tensor: FlexTensor,
+    pub dims: Vec<usize>,
     pub strides: Vec<isize>,
 }
 
@@ -96,13 +98,22 @@ impl View {
         let tensor = *(Box::new(prim) as Box<dyn Any>)
             .downcast::<FlexTensor>()
             .ok()?;
+        Some(Self::from_flex(tensor))
+    }
+
+    pub fn from_flex(tensor: FlexTensor) -> Self {
         let tensor = if tensor.layout().has_positive_strides() {
             tensor
         } else {
             tensor.to_contiguous()
         };
         let strides = tensor.layout().strides().to_vec();
-        Some(Self { tensor, strides })
+        let dims = tensor.layout().shape().to_vec();
+        Self {
+            tensor,
+            dims,
+            strides,
+        }
     }
 
     /// Pointer to the element at `idx`.

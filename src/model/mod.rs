@@ -7,6 +7,7 @@ pub mod chunk;
 pub mod config;
 pub mod decoder;
 pub mod flash;
+pub mod flash_grad;
 pub mod flex;
 pub mod flex_grad;
 pub mod generate;

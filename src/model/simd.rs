@@ -35,9 +35,15 @@ pub(crate) use vectorised;
 
 vectorised! {
     /// Unnormalised softmax of one row of scores over its first `visible` keys minus padded
-    /// ones: `exp(x - max)` there, 0 everywhere else; returns 1 / their sum (0 when no key is
-    /// visible).
-    fn softmax_row(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -> f32 = softmax_row_body
+    /// ones: `exp(x - max)` there, 0 everywhere else; returns their max and 1 / the sum of the
+    /// exponentials (-inf and 0 when no key is visible).
+    fn softmax_row(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -> (f32, f32) = softmax_row_body
+}
+
+vectorised! {
+    /// Softmax probabilities of one row of scores from its log-sum-exp `lse` (as
+    /// [`softmax_row`] masks: keys from `visible` on and padded keys get 0), in place.
+    fn probs_row(row: &mut [f32], visible: usize, padding: Option<&[bool]>, lse: f32) -> () = probs_row_body
 }
 
 vectorised! {
@@ -56,7 +62,7 @@ vectorised! {
 }
 
 #[inline(always)]
-fn softmax_row_body(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -> f32 {
+fn softmax_row_body(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -> (f32, f32) {
     let (live, hidden) = row.split_at_mut(visible);
     hidden.fill(0.0);
     if let Some(pad) = padding {
@@ -69,7 +75,7 @@ fn softmax_row_body(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -
     let max = lane_fold(live, f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         live.fill(0.0);
-        return 0.0;
+        return (max, 0.0);
     }
     let mut acc = [0f32; LANES];
     let mut chunks = live.chunks_exact_mut(LANES);
@@ -84,7 +90,27 @@ fn softmax_row_body(row: &mut [f32], visible: usize, padding: Option<&[bool]>) -
         *x = exp(*x - max);
         sum += *x;
     }
-    1.0 / sum
+    (max, 1.0 / sum)
+}
+
+#[inline(always)]
+fn probs_row_body(row: &mut [f32], visible: usize, padding: Option<&[bool]>, lse: f32) {
+    let (live, hidden) = row.split_at_mut(visible);
+    hidden.fill(0.0);
+    if lse == f32::NEG_INFINITY {
+        live.fill(0.0);
+        return;
+    }
+    for x in live.iter_mut() {
+        *x = exp(*x - lse);
+    }
+    if let Some(pad) = padding {
+        for (x, &p) in live.iter_mut().zip(pad) {
+            if p {
+                *x = 0.0;
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -205,7 +231,8 @@ mod tests {
     #[test]
     fn softmax_masks_future_and_padding() {
         let mut row = vec![1.0, 2.0, 3.0, 4.0];
-        let inv = softmax_row(&mut row, 3, Some(&[false, true, false, false]));
+        let (max, inv) = softmax_row(&mut row, 3, Some(&[false, true, false, false]));
+        assert_eq!(max, 3.0);
         let e = [1f32.exp(), 0.0, 3f32.exp()];
         let sum: f32 = e.iter().sum();
         for (got, want) in row.iter().zip(e.iter().map(|x| x / sum).chain([0.0])) {
