@@ -18,10 +18,13 @@ use laco_train::model::{lora::load_adapter, Pretrained};
 type Fused = Autodiff<B>;
 type Generic = Autodiff<B, BalancedCheckpointing>;
 
-/// Loss and `(name, gradient of lora_A, gradient of lora_B)` of every adapted projection.
+/// `(name, gradient of lora_A, gradient of lora_B)` of every adapted projection.
+type AdapterGrads = Vec<(String, Vec<f32>, Vec<f32>)>;
+
+/// The micro-batch's loss and adapter gradients.
 fn loss_and_grads<A: AutodiffBackend<InnerBackend = B>>(
     divergence: Divergence,
-) -> (f32, Vec<(String, Vec<f32>, Vec<f32>)>) {
+) -> (f32, AdapterGrads) {
     let teacher = Pretrained::<B>::load(&fixture("tiny-qwen3"), &device()).unwrap();
     let dev = A::Device::default();
     let student = Pretrained::<A>::load(&fixture("tiny-qwen3"), &dev).unwrap();
