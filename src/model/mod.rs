@@ -15,6 +15,7 @@ pub mod linear;
 pub mod lora;
 pub mod mlp;
 pub mod norm;
+pub mod pointwise_grad;
 pub mod rope;
 pub mod save;
 pub mod simd;

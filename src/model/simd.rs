@@ -47,6 +47,21 @@ vectorised! {
 }
 
 vectorised! {
+    /// The gradients of `silu(g) * u` given the output's gradient `d_out`.
+    fn silu_mul_grad_slice(d_gate: &mut [f32], d_up: &mut [f32], d_out: &[f32], gate: &[f32], up: &[f32]) -> () = silu_mul_grad_body
+}
+
+vectorised! {
+    /// RMSNorm of one row, `out = x w / rms(x)`; returns `1 / rms(x)`.
+    fn rms_norm_row(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 = rms_norm_body
+}
+
+vectorised! {
+    /// The gradient of one row's RMSNorm input given its output's gradient and `1 / rms(x)`.
+    fn rms_norm_grad_row(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], inv_rms: f32) -> () = rms_norm_grad_body
+}
+
+vectorised! {
     fn logsumexp_row(row: &[f32]) -> f32 = logsumexp_row_body
 }
 
@@ -110,6 +125,75 @@ fn probs_row_body(row: &mut [f32], visible: usize, padding: Option<&[bool]>, lse
                 *x = 0.0;
             }
         }
+    }
+}
+
+#[inline(always)]
+fn silu_mul_grad_body(
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+    d_out: &[f32],
+    gate: &[f32],
+    up: &[f32],
+) {
+    let rows = d_gate
+        .iter_mut()
+        .zip(d_up.iter_mut())
+        .zip(d_out)
+        .zip(gate)
+        .zip(up);
+    for ((((dg, du), &d), &g), &u) in rows {
+        let sig = 1.0 / (1.0 + exp(-g));
+        *du = d * g * sig;
+        *dg = d * u * sig * (1.0 + g * (1.0 - sig));
+    }
+}
+
+#[inline(always)]
+fn rms_norm_body(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let mean = (acc.iter().sum::<f32>() + tail) / x.len() as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * w;
+    }
+    inv
+}
+
+/// d/dx of `x_k w_k r` with `r = 1 / rms(x)`: `r w_k dy_k - x_k r^3 sum_j(w_j dy_j x_j) / n`.
+#[inline(always)]
+fn rms_norm_grad_body(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], inv_rms: f32) {
+    let mut acc = [0f32; LANES];
+    let mut tail = 0f32;
+    let (mut dc, mut xc, mut wc) = (
+        dy.chunks_exact(LANES),
+        x.chunks_exact(LANES),
+        w.chunks_exact(LANES),
+    );
+    for ((d, x), w) in (&mut dc).zip(&mut xc).zip(&mut wc) {
+        for (((a, &d), &x), &w) in acc.iter_mut().zip(d).zip(x).zip(w) {
+            *a += w * d * x;
+        }
+    }
+    for ((&d, &x), &w) in dc
+        .remainder()
+        .iter()
+        .zip(xc.remainder())
+        .zip(wc.remainder())
+    {
+        tail += w * d * x;
+    }
+    let sum = acc.iter().sum::<f32>() + tail;
+    let c = inv_rms * inv_rms * inv_rms * sum / x.len() as f32;
+    for (((o, &d), &x), &w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
+        *o = inv_rms * w * d - x * c;
     }
 }
 

@@ -1,0 +1,197 @@
+//! Training's SwiGLU product and RMSNorm on burn's autodiff over Flex in f32, each one autodiff
+//! node with a hand-written backward pass over rows in parallel (burn's generic ops take half a
+//! dozen element-wise passes and buffers for each, with a scalar exp in the sigmoid). `None`
+//! for any other backend or dtype. The norm's weight is frozen: it gets no gradient.
+
+use super::flex_grad::{dense, elems, flex_tensor, from_ad, supported, to_ad};
+use super::simd::{rms_norm_grad_row, rms_norm_row, silu_mul_grad_slice, silu_mul_slice};
+use burn::backend::autodiff::{
+    checkpoint::{base::Checkpointer, strategy::NoCheckpointing},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::backend::Flex;
+use burn::tensor::{backend::Backend, DType, Tensor};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+/// Elements per parallel task of the element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+/// SwiGLU's `silu(gate) * up` for two tensors of the same shape.
+pub fn silu_mul<B: Backend, const D: usize>(
+    gate: &Tensor<B, D>,
+    up: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    if !supported::<B>(gate.dtype()) || up.dtype() != DType::F32 {
+        return None;
+    }
+    let dims = gate.dims();
+    let (gate, up) = (to_ad(gate.clone()), to_ad(up.clone()));
+    let (g, u) = (dense(gate.primitive.clone()), dense(up.primitive.clone()));
+    let mut out = vec![0f32; elems(&g).len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(elems(&g).par_chunks(CHUNK).zip(elems(&u).par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| silu_mul_slice(o, g, u));
+    let out = flex_tensor(out, &dims);
+    let out = match SiluMul
+        .prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((g, u), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Some(from_ad(out))
+}
+
+#[derive(Debug)]
+struct SiluMul;
+
+impl Backward<Flex, 2> for SiluMul {
+    /// gate and up.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d = dense(grads.consume::<Flex>(&ops.node));
+        let (g, u) = ops.state;
+        let n = elems(&g).len();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(elems(&d).par_chunks(CHUNK))
+            .zip(elems(&g).par_chunks(CHUNK).zip(elems(&u).par_chunks(CHUNK)))
+            .for_each(|(((dg, du), d), (g, u))| silu_mul_grad_slice(dg, du, d, g, u));
+        let dims = g.layout().shape().to_vec();
+        let [pg, pu] = &ops.parents;
+        for (parent, grad) in [(pg, dg), (pu, du)] {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, flex_tensor(grad, &dims));
+            }
+        }
+    }
+}
+
+/// RMSNorm of the last dimension, `x w / sqrt(mean(x^2) + eps)`.
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    if !supported::<B>(x.dtype()) || weight.dtype() != DType::F32 {
+        return None;
+    }
+    let dims = x.dims();
+    let x = to_ad(x.clone());
+    let (xs, w) = (
+        dense(x.primitive.clone()),
+        dense(to_ad(weight.clone()).primitive),
+    );
+    let n = dims[D - 1];
+    let mut out = vec![0f32; elems(&xs).len()];
+    let inv_rms: Vec<f32> = out
+        .par_chunks_mut(n)
+        .zip(elems(&xs).par_chunks(n))
+        .with_min_len(16)
+        .map(|(o, x)| rms_norm_row(o, x, elems(&w), eps as f32))
+        .collect();
+    let out = flex_tensor(out, &dims);
+    let out = match Norm
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(NormState { x: xs, w, inv_rms }, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Some(from_ad(out))
+}
+
+#[derive(Debug)]
+struct Norm;
+
+#[derive(Debug, Clone)]
+struct NormState {
+    x: FlexTensor,
+    w: FlexTensor,
+    inv_rms: Vec<f32>,
+}
+
+impl Backward<Flex, 1> for Norm {
+    type State = NormState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = dense(grads.consume::<Flex>(&ops.node));
+        let s = ops.state;
+        let Some(node) = &ops.parents[0] else { return };
+        let (x, w) = (elems(&s.x), elems(&s.w));
+        let n = w.len();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(n)
+            .zip(elems(&dy).par_chunks(n))
+            .zip(x.par_chunks(n).zip(&s.inv_rms))
+            .with_min_len(16)
+            .for_each(|((dx, dy), (x, &r))| rms_norm_grad_row(dx, dy, x, w, r));
+        let dims = s.x.layout().shape().to_vec();
+        grads.register::<Flex>(node.id, flex_tensor(dx, &dims));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Autodiff;
+    use burn::tensor::{activation::silu, Distribution};
+
+    type Ad = Autodiff<Flex>;
+
+    fn max_diff(a: Tensor<Flex, 3>, b: Tensor<Flex, 3>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    fn uniform(dims: [usize; 3]) -> Tensor<Ad, 3> {
+        Tensor::random(dims, Distribution::Uniform(-3.0, 3.0), &Default::default())
+    }
+
+    #[test]
+    fn silu_mul_matches_generic_ops() {
+        let dims = [3, 50, 70];
+        let (g, u, c) = (
+            uniform(dims).require_grad(),
+            uniform(dims).require_grad(),
+            uniform(dims),
+        );
+        let grads = |y: Tensor<Ad, 3>| {
+            let gr = (y.clone() * c.clone()).sum().backward();
+            (y.inner(), g.grad(&gr).unwrap(), u.grad(&gr).unwrap())
+        };
+        let (y, dg, du) = grads(silu_mul(&g, &u).expect("Autodiff<Flex>, f32"));
+        let (wy, wdg, wdu) = grads(silu(g.clone()) * u.clone());
+        assert!(max_diff(y, wy) < 1e-5);
+        assert!(max_diff(dg, wdg) < 1e-4);
+        assert!(max_diff(du, wdu) < 1e-5);
+    }
+
+    #[test]
+    fn rms_norm_matches_generic_ops() {
+        let dims = [2, 30, 96];
+        let (x, c) = (uniform(dims).require_grad(), uniform(dims));
+        let w: Tensor<Ad, 1> =
+            Tensor::random([96], Distribution::Uniform(0.5, 1.5), &Default::default());
+        let grads = |y: Tensor<Ad, 3>| {
+            let gr = (y.clone() * c.clone()).sum().backward();
+            (y.inner(), x.grad(&gr).unwrap())
+        };
+        let (y, dx) = grads(rms_norm(&x, &w, 1e-6).expect("Autodiff<Flex>, f32"));
+        let inv = x
+            .clone()
+            .powi_scalar(2)
+            .mean_dim(2)
+            .add_scalar(1e-6)
+            .sqrt()
+            .recip();
+        let (wy, wdx) = grads(x.clone() * inv * w.clone().unsqueeze::<3>());
+        assert!(max_diff(y, wy) < 1e-5);
+        assert!(max_diff(dx, wdx) < 1e-4);
+    }
+}
