@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// the figure over all steps is printed too.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Training data (Parquet) instead of the config's files.
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
     /// Run directory; default: a temporary one, removed afterwards.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -52,7 +55,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         student: args.student.clone(),
         out: Some(out),
         max_steps: Some(args.steps),
-        data: Vec::new(),
+        data: args.data.clone(),
         resume: None,
         save_every: Some(0),
         common: args.common.clone(),

@@ -8,7 +8,7 @@
 //! normalised on the way into the `[batch, seq, heads * head_dim]` layout that o_proj reads.
 //! Other backends, autodiff (training) and other dtypes take the generic path.
 
-use super::flex::{from_vec, gemm, SharedOut, View, Write};
+use super::flex::{from_vec, gemm, resize_for_gemm, SharedOut, View, Write};
 use super::simd::softmax_row;
 use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
@@ -102,10 +102,8 @@ pub(super) fn forward(
             let seen = start + r0 + rows;
             queries(q, b, g * rep..(g + 1) * rep, r0..r0 + rows, &mut s.queries);
             let m = rep * rows;
-            s.scores.clear();
-            s.scores.resize(m * seen, 0.0);
-            s.values.clear();
-            s.values.resize(m * d, 0.0);
+            resize_for_gemm(&mut s.scores, m * seen);
+            resize_for_gemm(&mut s.values, m * d);
             let pad = padding.map(|p| &p[b * keys..b * keys + seen]);
             // SAFETY: the views bound every index used here; the scratch buffers have the
             // sizes given to gemm.

@@ -8,7 +8,7 @@
 //! dK += dS^T Q, each a single-threaded gemm; nothing of size `[seq, seq]` outlives a block.
 
 use super::flash::{forward, queries, Dims, BLOCK};
-use super::flex::{gemm, SharedOut, View, Write};
+use super::flex::{gemm, resize_for_gemm, SharedOut, View, Write};
 use super::flex_grad::{dense, elems, flex_tensor, from_ad, supported, to_ad};
 use super::simd::probs_row;
 use burn::backend::autodiff::{
@@ -134,12 +134,9 @@ impl Backward<Flex, 3> for Attention {
                             s.delta.push(gr.iter().zip(or).map(|(a, b)| a * b).sum());
                         }
                     }
-                    s.probs.clear();
-                    s.probs.resize(m * seen, 0.0);
-                    s.d_scores.clear();
-                    s.d_scores.resize(m * seen, 0.0);
-                    s.d_q.clear();
-                    s.d_q.resize(m * d, 0.0);
+                    resize_for_gemm(&mut s.probs, m * seen);
+                    resize_for_gemm(&mut s.d_scores, m * seen);
+                    resize_for_gemm(&mut s.d_q, m * d);
                     let (ks, vs) = ((k.strides[2], k.strides[3]), (v.strides[2], v.strides[3]));
                     // SAFETY (every gemm): the views bound K and V, the scratch buffers have
                     // the sizes given, and dK, dV rows 0..seen lie in this task's block.

@@ -24,15 +24,13 @@ pub fn matmul_t<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor
     let [m, k] = x.dims();
     let n = w.dims()[0];
     let (x, w) = (View::of(x.clone())?, View::of(w.clone())?);
-    let mut out = vec![0f32; m * n];
-    // SAFETY: the views bound the operands; `out` is `[m, n]`.
-    unsafe {
-        par_gemm(
+    // SAFETY: the views bound the operands.
+    let out = unsafe {
+        product(
             [m, n, k],
-            &mut out,
             Operand::new(x.at(&[0, 0]), x.strides[1], x.strides[0]),
             Operand::new(w.at(&[0, 0]), w.strides[0], w.strides[1]),
-            Write::Set(1.0),
+            1.0,
         )
     };
     Some(from_vec(out, [m, n]))
@@ -186,6 +184,16 @@ pub(super) unsafe fn gemm(
     }
 }
 
+/// `buf` at length `len` without clearing what it holds, for a gemm with [`Write::Set`] to
+/// overwrite (scratch space reused from task to task).
+pub(super) fn resize_for_gemm(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    } else {
+        buf.truncate(len);
+    }
+}
+
 /// A matrix operand of [`par_gemm`]: pointer to element (0, 0), column stride, row stride.
 #[derive(Clone, Copy)]
 pub(super) struct Operand {
@@ -237,14 +245,46 @@ pub(super) enum Write {
 /// # Safety
 /// `lhs` and `rhs` must address valid `f32`s for the given dimensions.
 pub(super) unsafe fn par_gemm(
-    [m, n, k]: [usize; 3],
+    dims: [usize; 3],
     dst: &mut [f32],
     lhs: Operand,
     rhs: Operand,
     acc: Write,
 ) {
-    assert!(dst.len() >= m * n);
-    let out = SharedOut(dst.as_mut_ptr());
+    assert!(dst.len() >= dims[0] * dims[1]);
+    unsafe { split_gemm(dims, SharedOut(dst.as_mut_ptr()), lhs, rhs, acc) }
+}
+
+/// `scale x lhs[m, k] x rhs[k, n]` as a new row-major buffer, which is not zeroed first: with
+/// [`Write::Set`] the gemm writes every element without reading it.
+///
+/// # Safety
+/// As [`par_gemm`].
+pub(super) unsafe fn product(dims: [usize; 3], lhs: Operand, rhs: Operand, scale: f32) -> Vec<f32> {
+    let len = dims[0] * dims[1];
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the gemm writes all `len` elements of the allocation before `set_len`.
+    unsafe {
+        split_gemm(
+            dims,
+            SharedOut(out.as_mut_ptr()),
+            lhs,
+            rhs,
+            Write::Set(scale),
+        );
+        out.set_len(len);
+    }
+    out
+}
+
+/// [`par_gemm`] into `out`, which must hold `m * n` elements.
+unsafe fn split_gemm(
+    [m, n, k]: [usize; 3],
+    out: SharedOut,
+    lhs: Operand,
+    rhs: Operand,
+    acc: Write,
+) {
     let threads = if m * n * k < 1 << 18 {
         1
     } else {
@@ -261,7 +301,7 @@ pub(super) unsafe fn par_gemm(
         } else {
             (len, n, out.at(start * n), lhs.at(start, 0), rhs)
         };
-        // SAFETY: each part writes its own block of `dst`; the operands are the caller's.
+        // SAFETY: each part writes its own block of `out`; the operands are the caller's.
         unsafe {
             gemm(
                 [rows, cols, k],

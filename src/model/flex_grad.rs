@@ -10,7 +10,7 @@
 //! gemm split across threads. Each function returns `None` for any other backend or dtype, and
 //! the caller runs the generic ops.
 
-use super::flex::{par_gemm, Operand, Write};
+use super::flex::{par_gemm, product, Operand, Write};
 use super::lora::Lora;
 use super::simd::dropout_scales;
 use burn::backend::autodiff::{
@@ -135,15 +135,13 @@ pub fn linear<B: Backend>(
     let x = to_ad(x.clone());
     let xs = dense(x.primitive.clone());
     let w = dense(to_ad(w.clone()).primitive);
-    let mut y = vec![0f32; m * n];
-    // SAFETY: x is [m, k] and w [n, k], row-major; y is [m, n].
-    unsafe {
-        par_gemm(
+    // SAFETY: x is [m, k] and w [n, k], row-major.
+    let mut y = unsafe {
+        product(
             [m, n, k],
-            &mut y,
             Operand::rows(elems(&xs), k),
             Operand::transposed(elems(&w), k),
-            Write::Set(1.0),
+            1.0,
         )
     };
     let Some((a, b, lora)) = adapter else {
@@ -165,16 +163,16 @@ pub fn linear<B: Backend>(
     let scaling = lora.scaling as f32;
     let dropped = dropout.map(|d| times(elems(&xs), &d.factors(m * k)));
     let xd = dropped.as_deref().unwrap_or(elems(&xs));
-    let mut h = vec![0f32; m * r];
     // SAFETY: xd is [m, k], A [r, k], h [m, r], B [n, r], y [m, n], all row-major.
-    unsafe {
-        par_gemm(
+    let h = unsafe {
+        product(
             [m, r, k],
-            &mut h,
             Operand::rows(xd, k),
             Operand::transposed(elems(&aw), k),
-            Write::Set(1.0),
-        );
+            1.0,
+        )
+    };
+    unsafe {
         par_gemm(
             [m, n, r],
             &mut y,
@@ -209,18 +207,15 @@ pub fn linear<B: Backend>(
 
 /// `g [m, n] x W [n, k]`, the input's gradient through the frozen weight.
 fn input_grad(g: &[f32], w: &FlexTensor, [m, n, k]: [usize; 3]) -> Vec<f32> {
-    let mut gx = vec![0f32; m * k];
     // SAFETY: g is [m, n] and W [n, k], row-major.
     unsafe {
-        par_gemm(
+        product(
             [m, k, n],
-            &mut gx,
             Operand::rows(g, n),
             Operand::rows(elems(w), k),
-            Write::Set(1.0),
+            1.0,
         )
-    };
-    gx
+    }
 }
 
 #[derive(Debug)]
@@ -275,14 +270,12 @@ impl Backward<Flex, 3> for Adapted {
         // SAFETY (every gemm below): the buffers are row-major with the dimensions given.
         if let Some(node) = pb {
             // dB = scaling x g^T h
-            let mut gb = vec![0f32; n * r];
-            unsafe {
-                par_gemm(
+            let gb = unsafe {
+                product(
                     [n, r, m],
-                    &mut gb,
                     Operand::transposed(g, n),
                     Operand::rows(elems(&s.h), r),
-                    Write::Set(s.scaling),
+                    s.scaling,
                 )
             };
             grads.register::<Flex>(node.id, flex_tensor(gb, &[n, r]));
@@ -291,14 +284,12 @@ impl Backward<Flex, 3> for Adapted {
             return;
         }
         // The gradient of h: scaling x g B, [m, r].
-        let mut gh = vec![0f32; m * r];
-        unsafe {
-            par_gemm(
+        let gh = unsafe {
+            product(
                 [m, r, n],
-                &mut gh,
                 Operand::rows(g, n),
                 Operand::rows(elems(&s.b), r),
-                Write::Set(s.scaling),
+                s.scaling,
             )
         };
         let factors = s.dropout.map(|d| d.factors(m * k));
@@ -306,14 +297,12 @@ impl Backward<Flex, 3> for Adapted {
             // dA = gh^T dropout(x)
             let dropped = factors.as_ref().map(|f| times(elems(&s.x), f));
             let xd = dropped.as_deref().unwrap_or(elems(&s.x));
-            let mut ga = vec![0f32; r * k];
-            unsafe {
-                par_gemm(
+            let ga = unsafe {
+                product(
                     [r, k, m],
-                    &mut ga,
                     Operand::transposed(&gh, r),
                     Operand::rows(xd, k),
-                    Write::Set(1.0),
+                    1.0,
                 )
             };
             grads.register::<Flex>(node.id, flex_tensor(ga, &[r, k]));
@@ -325,8 +314,7 @@ impl Backward<Flex, 3> for Adapted {
             match &factors {
                 None => unsafe { par_gemm([m, k, r], &mut gx, gh, a, Write::Add(1.0)) },
                 Some(f) => {
-                    let mut t = vec![0f32; m * k];
-                    unsafe { par_gemm([m, k, r], &mut t, gh, a, Write::Set(1.0)) };
+                    let t = unsafe { product([m, k, r], gh, a, 1.0) };
                     gx.par_iter_mut()
                         .zip(&t)
                         .zip(f)
