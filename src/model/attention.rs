@@ -128,8 +128,8 @@ impl<B: Backend> Attention<B> {
         };
 
         // 2. Rotate; fold the 1/sqrt(D) score scale into q.
-        let q = rope.apply(q, &pos.q).mul_scalar(1.0 / (d as f64).sqrt());
-        let k = rope.apply(k, &pos.k);
+        let q = rope.apply(q, &pos.q, 1.0 / (d as f64).sqrt());
+        let k = rope.apply(k, &pos.k, 1.0);
 
         // 3. Extended by the cache to all T keys, then viewed as (B, H, T, D) (no copy).
         let (k, v) = match cache {

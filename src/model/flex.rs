@@ -99,6 +99,10 @@ impl View {
         Some(Self::from_flex(tensor))
     }
 
+    pub fn into_flex(self) -> FlexTensor {
+        self.tensor
+    }
+
     pub fn from_flex(tensor: FlexTensor) -> Self {
         let tensor = if tensor.layout().has_positive_strides() {
             tensor

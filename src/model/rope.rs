@@ -4,6 +4,7 @@
 //! positions being run and tiles them over the heads, and every layer shares that [`RopeAt`].
 //! Everything runs on 2-D `[rows, cols]` views, which CPU backends handle without strided loops.
 
+use super::pointwise_grad;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 pub struct Rope<B: Backend> {
@@ -76,8 +77,17 @@ impl<B: Backend> Rope<B> {
         }
     }
 
-    /// Rotates `x` of shape `[batch, seq, heads, head_dim]` with `(cos, sin)` from [`Rope::at`].
-    pub fn apply(&self, x: Tensor<B, 4>, table: &(Tensor<B, 2>, Tensor<B, 2>)) -> Tensor<B, 4> {
+    /// Rotates `x` of shape `[batch, seq, heads, head_dim]` with `(cos, sin)` from [`Rope::at`],
+    /// times `scale`.
+    pub fn apply(
+        &self,
+        x: Tensor<B, 4>,
+        table: &(Tensor<B, 2>, Tensor<B, 2>),
+        scale: f64,
+    ) -> Tensor<B, 4> {
+        if let Some(y) = pointwise_grad::rope(&x, &table.0, &table.1, scale as f32) {
+            return y;
+        }
         let dims = x.dims();
         let [b, s, h, d] = dims;
         let rotated = x
@@ -86,6 +96,11 @@ impl<B: Backend> Rope<B> {
             .matmul(self.rot.clone())
             .reshape([b, s * h * d]);
         let x = x.reshape([b, s * h * d]);
-        (x * table.0.clone() + rotated * table.1.clone()).reshape(dims)
+        let y = (x * table.0.clone() + rotated * table.1.clone()).reshape(dims);
+        if scale == 1.0 {
+            y
+        } else {
+            y.mul_scalar(scale)
+        }
     }
 }

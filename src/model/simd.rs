@@ -62,6 +62,12 @@ vectorised! {
 }
 
 vectorised! {
+    /// Rotary embedding (rotate-half layout) of rows of `d` elements, times `scale`; with
+    /// `transpose`, its backward pass. See [`rope_body`].
+    fn rope_rows(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], d: usize, scale: f32, transpose: bool) -> () = rope_body
+}
+
+vectorised! {
     fn logsumexp_row(row: &[f32]) -> f32 = logsumexp_row_body
 }
 
@@ -194,6 +200,33 @@ fn rms_norm_grad_body(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], inv_rms:
     let c = inv_rms * inv_rms * inv_rms * sum / x.len() as f32;
     for (((o, &d), &x), &w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
         *o = inv_rms * w * d - x * c;
+    }
+}
+
+/// Rows of `d` elements; `cos` and `sin` hold one row of `d` per row of `x`. Forward:
+/// `y = (x cos + [-x2, x1] sin) scale`; transpose: `dx = (dy cos + [(dy sin)2, -(dy sin)1]) scale`.
+#[inline(always)]
+fn rope_body(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], d: usize, scale: f32, transpose: bool) {
+    let half = d / 2;
+    let rows = out.chunks_exact_mut(d).zip(x.chunks_exact(d));
+    for ((o, x), (c, s)) in rows.zip(cos.chunks_exact(d).zip(sin.chunks_exact(d))) {
+        let (o1, o2) = o.split_at_mut(half);
+        let (x1, x2) = x.split_at(half);
+        let (c1, c2) = c.split_at(half);
+        let (s1, s2) = s.split_at(half);
+        for i in 0..half {
+            (o1[i], o2[i]) = if transpose {
+                (
+                    (x1[i] * c1[i] + x2[i] * s2[i]) * scale,
+                    (x2[i] * c2[i] - x1[i] * s1[i]) * scale,
+                )
+            } else {
+                (
+                    (x1[i] * c1[i] - x2[i] * s1[i]) * scale,
+                    (x2[i] * c2[i] + x1[i] * s2[i]) * scale,
+                )
+            };
+        }
     }
 }
 
