@@ -6,7 +6,8 @@
 //! that KV head against the keys the block can see (one gemm), the causal and padding mask and
 //! the softmax's exponentials in place with a vectorised exp, then x V (a second gemm),
 //! normalised on the way into the `[batch, seq, heads * head_dim]` layout that o_proj reads.
-//! Other backends, autodiff (training) and other dtypes take the generic path.
+//! Training (autodiff over Flex) runs the same forward pass through [`super::flash_grad`]; other
+//! backends and other dtypes take the generic path.
 
 use super::flex::{from_vec, gemm, resize_for_gemm, SharedOut, View, Write};
 use super::simd::softmax_row;

@@ -1,8 +1,11 @@
 //! Direct kernels for burn's Flex CPU backend, used where inference in f32 would otherwise
 //! waste time in generic tensor ops: projections split across threads by output columns, the
-//! log-sum-exp of logit rows and SwiGLU's `silu(gate) * up`, with a vectorised exp. Each
-//! function returns `None` for any other backend (CUDA), for autodiff (training) and for other
-//! dtypes, and the caller runs its generic tensor ops instead. Attention is in [`super::flash`].
+//! log-sum-exp of logit rows and SwiGLU's `silu(gate) * up`. Each function returns `None` for
+//! any other backend (CUDA), for autodiff and for other dtypes, and the caller runs its generic
+//! tensor ops instead. Also here: the split gemm ([`par_gemm`], [`product`]) and the tensor
+//! views that the attention ([`super::flash`]) and the training kernels
+//! ([`super::flex_grad`], [`super::flash_grad`], [`super::pointwise_grad`]) build on; the row
+//! kernels are in [`super::simd`].
 
 use super::simd::{logsumexp_row, silu_mul_slice};
 use burn::backend::Flex;
