@@ -1,6 +1,6 @@
 //! Direct kernels for burn's Flex CPU backend, used where inference in f32 would otherwise
 //! waste time in generic tensor ops: projections split across threads by output columns, the
-//! log-sum-exp of logit rows and SwiGLU's `silu(gate) * up`. Each function returns `None` for
+//! log-sum-exp of logit rows. Each function returns `None` for
 //! any other backend (CUDA), for autodiff and for other dtypes, and the caller runs its generic
 //! tensor ops instead. Also here: the split gemm ([`par_gemm`], [`product`]) and the tensor
 //! views that the attention ([`super::flash`]) and the training kernels
@@ -55,22 +55,14 @@ pub fn logsumexp<B: Backend>(logits: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     Some(from_vec(out, [rows, 1]))
 }
 
-/// SwiGLU's `silu(gate) * up`, element-wise over two tensors of the same shape.
-pub fn silu_mul<B: Backend, const D: usize>(
-    gate: &Tensor<B, D>,
-    up: &Tensor<B, D>,
-) -> Option<Tensor<B, D>> {
-    if !supported::<B>(gate.dtype()) || up.dtype() != DType::F32 {
-        return None;
-    }
-    let dims = gate.dims();
-    let (g, u) = (View::of(gate.clone())?, View::of(up.clone())?);
-    let (g, u) = (g.contiguous()?, u.contiguous()?);
-    let mut out = vec![0f32; g.len()];
-    out.par_chunks_mut(1 << 14)
-        .zip(g.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
+/// `silu(gate) * up` of two buffers, in parallel.
+pub(super) fn silu_mul_all(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![0f32; gate.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(o, (g, u))| silu_mul_slice(o, g, u));
-    Some(from_vec(out, dims))
+    out
 }
 
 /// Wraps a row-major buffer as a Flex tensor of backend `B` (which must be Flex).

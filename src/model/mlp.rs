@@ -1,7 +1,7 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 
 use super::{
-    checkpoint::Checkpoint, config::ModelConfig, flex, linear::Linear, pointwise_grad, save::Weight,
+    checkpoint::Checkpoint, config::ModelConfig, linear::Linear, pointwise_grad, save::Weight,
 };
 use anyhow::Result;
 use burn::module::Module;
@@ -32,9 +32,7 @@ impl<B: Backend> Mlp<B> {
     /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        let h = flex::silu_mul(&gate, &up)
-            .or_else(|| pointwise_grad::silu_mul(&gate, &up))
-            .unwrap_or_else(|| silu(gate) * up);
+        let h = pointwise_grad::silu_mul(&gate, &up).unwrap_or_else(|| silu(gate) * up);
         self.down_proj.forward(h)
     }
 

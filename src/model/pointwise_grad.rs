@@ -6,9 +6,7 @@
 
 use super::flex::{self, View};
 use super::flex_grad::{dense, elems, flex_tensor, from_ad, supported, to_ad};
-use super::simd::{
-    rms_norm_grad_row, rms_norm_row, rope_rows, silu_mul_grad_slice, silu_mul_slice,
-};
+use super::simd::{rms_norm_grad_row, rms_norm_row, rope_rows, silu_mul_grad_slice};
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::NoCheckpointing},
     grads::Gradients,
@@ -19,25 +17,36 @@ use burn::tensor::{backend::Backend, DType, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+/// The dense storage of a tensor of backend `B`, which must be Flex.
+fn flex_data<B: Backend, const D: usize>(t: &Tensor<B, D>) -> FlexTensor {
+    dense(View::of(t.clone()).expect("a Flex tensor").into_flex())
+}
+
 /// Elements per parallel task of the element-wise kernels.
 const CHUNK: usize = 1 << 14;
 
-/// SwiGLU's `silu(gate) * up` for two tensors of the same shape.
+/// SwiGLU's `silu(gate) * up` for two tensors of the same shape; also for inference on Flex.
 pub fn silu_mul<B: Backend, const D: usize>(
     gate: &Tensor<B, D>,
     up: &Tensor<B, D>,
 ) -> Option<Tensor<B, D>> {
-    if !supported::<B>(gate.dtype()) || up.dtype() != DType::F32 {
+    let dims = gate.dims();
+    if up.dtype() != DType::F32 {
         return None;
     }
-    let dims = gate.dims();
+    if flex::supported::<B>(gate.dtype()) {
+        let (g, u) = (flex_data(gate), flex_data(up));
+        return Some(flex::from_vec(
+            flex::silu_mul_all(elems(&g), elems(&u)),
+            dims,
+        ));
+    }
+    if !supported::<B>(gate.dtype()) {
+        return None;
+    }
     let (gate, up) = (to_ad(gate.clone()), to_ad(up.clone()));
     let (g, u) = (dense(gate.primitive.clone()), dense(up.primitive.clone()));
-    let mut out = vec![0f32; elems(&g).len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(elems(&g).par_chunks(CHUNK).zip(elems(&u).par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| silu_mul_slice(o, g, u));
-    let out = flex_tensor(out, &dims);
+    let out = flex_tensor(flex::silu_mul_all(elems(&g), elems(&u)), &dims);
     let out = match SiluMul
         .prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()])
         .compute_bound()
@@ -151,12 +160,7 @@ pub fn rope<B: Backend>(
 ) -> Option<Tensor<B, 4>> {
     let dims = x.dims();
     if flex::supported::<B>(x.dtype()) && cos.dtype() == DType::F32 {
-        let [x, c, s] = [
-            View::of(x.clone())?,
-            View::of(cos.clone())?,
-            View::of(sin.clone())?,
-        ]
-        .map(|v| dense(v.into_flex()));
+        let (x, c, s) = (flex_data(x), flex_data(cos), flex_data(sin));
         let out = rotate(elems(&x), elems(&c), elems(&s), dims[3], scale, false);
         return Some(flex::from_vec(out, dims));
     }
@@ -273,7 +277,10 @@ mod tests {
         let c: Tensor<Ad, 4> = Tensor::random(dims, Distribution::Uniform(-1.0, 1.0), &device);
         let grads = |y: Tensor<Ad, 4>| {
             let gr = (y.clone() * c.clone()).sum().backward();
-            (y.inner().flatten::<3>(0, 1), x.grad(&gr).unwrap().flatten::<3>(0, 1))
+            (
+                y.inner().flatten::<3>(0, 1),
+                x.grad(&gr).unwrap().flatten::<3>(0, 1),
+            )
         };
         let (y, dx) = grads(rope(&x, &table.q.0, &table.q.1, 0.5).expect("Autodiff<Flex>, f32"));
         // The generic path of Rope::apply, spelled out: x @ rot is [-x2, x1].

@@ -206,7 +206,15 @@ fn rms_norm_grad_body(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], inv_rms:
 /// Rows of `d` elements; `cos` and `sin` hold one row of `d` per row of `x`. Forward:
 /// `y = (x cos + [-x2, x1] sin) scale`; transpose: `dx = (dy cos + [(dy sin)2, -(dy sin)1]) scale`.
 #[inline(always)]
-fn rope_body(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], d: usize, scale: f32, transpose: bool) {
+fn rope_body(
+    out: &mut [f32],
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    d: usize,
+    scale: f32,
+    transpose: bool,
+) {
     let half = d / 2;
     let rows = out.chunks_exact_mut(d).zip(x.chunks_exact(d));
     for ((o, x), (c, s)) in rows.zip(cos.chunks_exact(d).zip(sin.chunks_exact(d))) {
