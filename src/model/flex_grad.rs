@@ -121,6 +121,19 @@ pub fn linear<B: Backend>(
     w: &Tensor<B, 2>,
     lora: Option<&Lora<B>>,
 ) -> Option<Tensor<B, 2>> {
+    let dropout = lora
+        .filter(|l| l.dropout > 0.0 && supported::<B>(x.dtype()))
+        .map(|l| Dropout::draw::<B>(l.dropout, &x.device()));
+    linear_with(x, w, lora, dropout)
+}
+
+/// [`linear`] with the adapter's dropout given.
+fn linear_with<B: Backend>(
+    x: &Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    lora: Option<&Lora<B>>,
+    dropout: Option<Dropout>,
+) -> Option<Tensor<B, 2>> {
     let adapter = lora.map(|l| (l.lora_a.val(), l.lora_b.val(), l));
     let all_f32 = w.dtype() == DType::F32
         && adapter
@@ -131,7 +144,6 @@ pub fn linear<B: Backend>(
     }
     let [m, k] = x.dims();
     let n = w.dims()[0];
-    let device = x.device();
     let x = to_ad(x.clone());
     let xs = dense(x.primitive.clone());
     let w = dense(to_ad(w.clone()).primitive);
@@ -159,7 +171,6 @@ pub fn linear<B: Backend>(
     let r = a.dims()[0];
     let (a, b) = (to_ad(a), to_ad(b));
     let (aw, bw) = (dense(a.primitive.clone()), dense(b.primitive.clone()));
-    let dropout = (lora.dropout > 0.0).then(|| Dropout::draw::<B>(lora.dropout, &device));
     let scaling = lora.scaling as f32;
     let dropped = dropout.map(|d| times(elems(&xs), &d.factors(m * k)));
     let xd = dropped.as_deref().unwrap_or(elems(&xs));
@@ -356,23 +367,26 @@ mod tests {
                 dropout,
             };
             let c = uniform([m, n], &device);
-            Ad::seed(&device, 7);
-            let y = linear(&x, &w, Some(&lora)).expect("Autodiff<Flex>, f32");
+            let drop = (dropout > 0.0).then_some(Dropout {
+                seed: 7,
+                threshold: ((1.0 - dropout) * 4_294_967_296.0) as u32,
+                scale: (1.0 / (1.0 - dropout)) as f32,
+            });
+            let y = linear_with(&x, &w, Some(&lora), drop).expect("Autodiff<Flex>, f32");
             let grads = (y.clone() * c.clone()).sum().backward();
             let got = [
                 x.grad(&grads).unwrap(),
                 lora.lora_a.val().grad(&grads).unwrap(),
                 lora.lora_b.val().grad(&grads).unwrap(),
             ];
-            Ad::seed(&device, 7);
-            let xd = match dropout > 0.0 {
-                true => {
-                    let f = Dropout::draw::<Ad>(dropout, &device).factors(m * k);
+            let xd = match drop {
+                Some(drop) => {
+                    let f = drop.factors(m * k);
                     let dropped = f.iter().filter(|&&f| f == 0.0).count() as f64 / f.len() as f64;
                     assert!((dropped - dropout).abs() < 0.01, "dropped {dropped}");
                     x.clone() * Tensor::from_data(TensorData::new(f, [m, k]), &device)
                 }
-                false => x.clone(),
+                None => x.clone(),
             };
             let want = x.clone().matmul(w.clone().transpose())
                 + xd.matmul(lora.lora_a.val().transpose())

@@ -85,29 +85,30 @@ impl Backward<Flex, 2> for SiluMul {
     }
 }
 
-/// RMSNorm of the last dimension, `x w / sqrt(mean(x^2) + eps)`.
+/// RMSNorm of the last dimension, `x w / sqrt(mean(x^2) + eps)`; also for inference on Flex.
 pub fn rms_norm<B: Backend, const D: usize>(
     x: &Tensor<B, D>,
     weight: &Tensor<B, 1>,
     eps: f64,
 ) -> Option<Tensor<B, D>> {
-    if !supported::<B>(x.dtype()) || weight.dtype() != DType::F32 {
+    let dims = x.dims();
+    if weight.dtype() != DType::F32 {
         return None;
     }
-    let dims = x.dims();
+    if flex::supported::<B>(x.dtype()) {
+        let (xs, w) = (flex_data(x), flex_data(weight));
+        let (out, _) = normalise(elems(&xs), elems(&w), eps);
+        return Some(flex::from_vec(out, dims));
+    }
+    if !supported::<B>(x.dtype()) {
+        return None;
+    }
     let x = to_ad(x.clone());
     let (xs, w) = (
         dense(x.primitive.clone()),
         dense(to_ad(weight.clone()).primitive),
     );
-    let n = dims[D - 1];
-    let mut out = vec![0f32; elems(&xs).len()];
-    let inv_rms: Vec<f32> = out
-        .par_chunks_mut(n)
-        .zip(elems(&xs).par_chunks(n))
-        .with_min_len(16)
-        .map(|(o, x)| rms_norm_row(o, x, elems(&w), eps as f32))
-        .collect();
+    let (out, inv_rms) = normalise(elems(&xs), elems(&w), eps);
     let out = flex_tensor(out, &dims);
     let out = match Norm
         .prepare::<NoCheckpointing>([x.node.clone()])
@@ -118,6 +119,19 @@ pub fn rms_norm<B: Backend, const D: usize>(
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Some(from_ad(out))
+}
+
+/// [`rms_norm_row`] over every row of `x` in parallel: the output and each row's `1 / rms`.
+fn normalise(x: &[f32], w: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
+    let n = w.len();
+    let mut out = vec![0f32; x.len()];
+    let inv_rms = out
+        .par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .with_min_len(16)
+        .map(|(o, x)| rms_norm_row(o, x, w, eps as f32))
+        .collect();
+    (out, inv_rms)
 }
 
 #[derive(Debug)]
