@@ -9,6 +9,10 @@
 //! (seed, index) that the backward pass regenerates instead of storing, and every product is a
 //! gemm split across threads. Each function returns `None` for any other backend or dtype, and
 //! the caller runs the generic ops.
+//!
+//! Also here, shared by every training kernel ([`super::flash_grad`], [`super::pointwise_grad`],
+//! `distill::kd_kernel`): recognising `Autodiff<Flex>` and moving between its tensors and their
+//! Flex storage.
 
 use super::flex::{par_gemm, product, Operand, Write};
 use super::lora::Lora;
