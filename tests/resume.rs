@@ -146,19 +146,32 @@ fn interrupted_runs_resume_bit_identically() {
     );
 
     // SIGKILL at many moments, with a checkpoint after every step so that some kills land in
-    // the middle of writing one; every time, `latest` names a whole checkpoint.
+    // the middle of writing one; every time, `latest` names a whole checkpoint. Each attempt
+    // waits for a new checkpoint (so every one makes progress, however fast the build), then
+    // kills after a different delay.
     let every1 = config(dir.path(), 1, 8);
     let run = dir.path().join("sigkill");
+    let latest = run.join("checkpoints/latest");
     let mut kills = 0;
-    for delay_ms in [1500u64, 2300, 2600, 2900, 3300, 3700, 4100, 4600] {
-        let latest = run.join("checkpoints/latest");
-        let extra: &[&str] = if latest.exists() { &["--resume"] } else { &[] };
+    for delay_ms in [0u64, 3, 7, 12, 18, 25, 33, 42] {
+        let before = std::fs::read_to_string(&latest).ok();
+        let extra: &[&str] = if before.is_some() { &["--resume"] } else { &[] };
         let mut child = distill(&every1, &run, extra)
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        let started = Instant::now();
+        let mut finished = false;
+        while std::fs::read_to_string(&latest).ok() == before {
+            if child.try_wait().unwrap().is_some() {
+                finished = true;
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(300));
+            std::thread::sleep(Duration::from_millis(1));
+        }
         std::thread::sleep(Duration::from_millis(delay_ms));
-        if child.try_wait().unwrap().is_some() {
+        if finished || child.try_wait().unwrap().is_some() {
             break;
         }
         child.kill().unwrap();
@@ -187,11 +200,7 @@ fn interrupted_runs_resume_bit_identically() {
         kills >= 3,
         "only {kills} kills landed before the run finished"
     );
-    let extra: &[&str] = if run.join("checkpoints/latest").exists() {
-        &["--resume"]
-    } else {
-        &[]
-    };
+    let extra: &[&str] = if latest.exists() { &["--resume"] } else { &[] };
     ok(distill(&every1, &run, extra).output().unwrap());
     // Checkpointing every step does not change the training: same adapter as the reference.
     assert_eq!(adapter(&run), want_adapter, "SIGKILL + --resume: adapter");
