@@ -8,7 +8,7 @@
 
 use super::loss::{Divergence, KdLoss, LossSums};
 use crate::model::flex_grad::{dense, elems, flex_tensor, from_ad, supported, to_ad};
-use crate::model::simd::{exp, logsumexp_scaled, vectorised, LANES};
+use crate::model::simd::{exp, lane_sum3, logsumexp_scaled, vectorised};
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::NoCheckpointing},
     grads::Gradients,
@@ -123,27 +123,7 @@ fn row_stats_body(z: &[f32], t: &[f32], target: usize, inv_t: f32, reverse: bool
     } else {
         (t, lse_t, 1.0)
     };
-    let mut acc = [0f32; LANES];
-    let mut tail = 0f32;
-    let (mut zc, mut tc, mut pc) = (
-        z.chunks_exact(LANES),
-        t.chunks_exact(LANES),
-        p_of.chunks_exact(LANES),
-    );
-    for ((zs, ts), ps) in (&mut zc).zip(&mut tc).zip(&mut pc) {
-        for (((a, &z), &t), &p) in acc.iter_mut().zip(zs).zip(ts).zip(ps) {
-            *a += exp(p * inv_t - lse_p) * (t - z);
-        }
-    }
-    for ((&z, &t), &p) in zc
-        .remainder()
-        .iter()
-        .zip(tc.remainder())
-        .zip(pc.remainder())
-    {
-        tail += exp(p * inv_t - lse_p) * (t - z);
-    }
-    let sum = (acc.iter().sum::<f32>() + tail) * inv_t * sign;
+    let sum = lane_sum3(z, t, p_of, |z, t, p| exp(p * inv_t - lse_p) * (t - z)) * inv_t * sign;
     RowStats {
         lse_s,
         lse_t,

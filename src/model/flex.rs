@@ -7,7 +7,7 @@
 //! ([`super::flex_grad`], [`super::flash_grad`], [`super::pointwise_grad`]) build on; the row
 //! kernels are in [`super::simd`].
 
-use super::simd::{logsumexp_row, silu_mul_slice};
+use super::simd::logsumexp_row;
 use burn::backend::Flex;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
@@ -53,16 +53,6 @@ pub fn logsumexp<B: Backend>(logits: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
         .map(logsumexp_row)
         .collect();
     Some(from_vec(out, [rows, 1]))
-}
-
-/// `silu(gate) * up` of two buffers, in parallel.
-pub(super) fn silu_mul_all(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    const CHUNK: usize = 1 << 14;
-    let mut out = vec![0f32; gate.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| silu_mul_slice(o, g, u));
-    out
 }
 
 /// Wraps a row-major buffer as a Flex tensor of backend `B` (which must be Flex).
@@ -225,6 +215,10 @@ impl Operand {
         // SAFETY: callers stay inside the operand's dimensions.
         Self::new(unsafe { self.ptr.offset(offset) }, self.cs, self.rs)
     }
+
+    fn parts(self) -> (*const f32, isize, isize) {
+        (self.ptr, self.cs, self.rs)
+    }
 }
 
 /// What a gemm writes: `scale x lhs x rhs` over its destination, or added to it.
@@ -311,10 +305,4 @@ unsafe fn split_gemm(
             )
         }
     });
-}
-
-impl Operand {
-    fn parts(self) -> (*const f32, isize, isize) {
-        (self.ptr, self.cs, self.rs)
-    }
 }

@@ -1,12 +1,14 @@
-//! Training's SwiGLU product, RMSNorm and rotary embedding on burn's autodiff over Flex in f32,
-//! each one autodiff node with a hand-written backward pass over rows in parallel (burn's
-//! generic ops take half a dozen element-wise passes and buffers for each, with a scalar exp in
-//! the sigmoid). `None` for any other backend or dtype. The norm's weight is frozen: it gets no
-//! gradient.
+//! SwiGLU's product, RMSNorm and the rotary embedding on the Flex CPU backend in f32: direct
+//! kernels for inference, and for training (burn's autodiff over Flex) one autodiff node each
+//! with a hand-written backward pass over rows in parallel (burn's generic ops take half a dozen
+//! element-wise passes and buffers for each, with a scalar exp in the sigmoid). `None` for any
+//! other backend or dtype. The norm's weight is frozen: it gets no gradient.
 
 use super::flex::{self, View};
 use super::flex_grad::{dense, elems, flex_tensor, from_ad, supported, to_ad};
-use super::simd::{rms_norm_grad_row, rms_norm_row, rope_rows, silu_mul_grad_slice};
+use super::simd::{
+    rms_norm_grad_row, rms_norm_row, rope_rows, silu_mul_grad_slice, silu_mul_slice,
+};
 use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::NoCheckpointing},
     grads::Gradients,
@@ -36,17 +38,14 @@ pub fn silu_mul<B: Backend, const D: usize>(
     }
     if flex::supported::<B>(gate.dtype()) {
         let (g, u) = (flex_data(gate), flex_data(up));
-        return Some(flex::from_vec(
-            flex::silu_mul_all(elems(&g), elems(&u)),
-            dims,
-        ));
+        return Some(flex::from_vec(silu_mul_all(elems(&g), elems(&u)), dims));
     }
     if !supported::<B>(gate.dtype()) {
         return None;
     }
     let (gate, up) = (to_ad(gate.clone()), to_ad(up.clone()));
     let (g, u) = (dense(gate.primitive.clone()), dense(up.primitive.clone()));
-    let out = flex_tensor(flex::silu_mul_all(elems(&g), elems(&u)), &dims);
+    let out = flex_tensor(silu_mul_all(elems(&g), elems(&u)), &dims);
     let out = match SiluMul
         .prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()])
         .compute_bound()
@@ -56,6 +55,15 @@ pub fn silu_mul<B: Backend, const D: usize>(
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Some(from_ad(out))
+}
+
+/// `silu(gate) * up` of two buffers, in parallel.
+fn silu_mul_all(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; gate.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| silu_mul_slice(o, g, u));
+    out
 }
 
 #[derive(Debug)]

@@ -157,15 +157,7 @@ fn silu_mul_grad_body(
 
 #[inline(always)]
 fn rms_norm_body(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v * v;
-        }
-    }
-    let mean = (acc.iter().sum::<f32>() + tail) / x.len() as f32;
+    let mean = lane_sum(x, |v| v * v) / x.len() as f32;
     let inv = 1.0 / (mean + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
         *o = v * inv * w;
@@ -176,27 +168,7 @@ fn rms_norm_body(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
 /// d/dx of `x_k w_k r` with `r = 1 / rms(x)`: `r w_k dy_k - x_k r^3 sum_j(w_j dy_j x_j) / n`.
 #[inline(always)]
 fn rms_norm_grad_body(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], inv_rms: f32) {
-    let mut acc = [0f32; LANES];
-    let mut tail = 0f32;
-    let (mut dc, mut xc, mut wc) = (
-        dy.chunks_exact(LANES),
-        x.chunks_exact(LANES),
-        w.chunks_exact(LANES),
-    );
-    for ((d, x), w) in (&mut dc).zip(&mut xc).zip(&mut wc) {
-        for (((a, &d), &x), &w) in acc.iter_mut().zip(d).zip(x).zip(w) {
-            *a += w * d * x;
-        }
-    }
-    for ((&d, &x), &w) in dc
-        .remainder()
-        .iter()
-        .zip(xc.remainder())
-        .zip(wc.remainder())
-    {
-        tail += w * d * x;
-    }
-    let sum = acc.iter().sum::<f32>() + tail;
+    let sum = lane_sum3(dy, x, w, |d, x, w| w * d * x);
     let c = inv_rms * inv_rms * inv_rms * sum / x.len() as f32;
     for (((o, &d), &x), &w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
         *o = inv_rms * w * d - x * c;
@@ -250,19 +222,7 @@ pub(crate) fn logsumexp_scaled(row: &[f32], scale: f32) -> f32 {
     if max == f32::NEG_INFINITY {
         return max;
     }
-    let mut acc = [0f32; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|&x| exp(x * scale - max))
-        .sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += exp(x * scale - max);
-        }
-    }
-    (acc.iter().sum::<f32>() + tail).ln() + max
+    lane_sum(row, |x| exp(x * scale - max)).ln() + max
 }
 
 #[inline(always)]
@@ -307,6 +267,36 @@ pub(crate) fn lane_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f
     }
     let lanes = acc.into_iter().fold(init, &f);
     tail.iter().fold(lanes, |a, &x| f(a, x))
+}
+
+/// `sum f(x)` over `xs` in [`LANES`] independent accumulators.
+#[inline(always)]
+pub(crate) fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    lane_sum3(xs, xs, xs, |x, _, _| f(x))
+}
+
+/// `sum f(a_i, b_i, c_i)` over three slices of one length, in [`LANES`] independent
+/// accumulators.
+#[inline(always)]
+pub(crate) fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (mut ac, mut bc, mut cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    for ((a, b), c) in (&mut ac).zip(&mut bc).zip(&mut cc) {
+        for (((s, &a), &b), &c) in acc.iter_mut().zip(a).zip(b).zip(c) {
+            *s += f(a, b, c);
+        }
+    }
+    let tail = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .zip(cc.remainder());
+    let tail: f32 = tail.map(|((&a, &b), &c)| f(a, b, c)).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `e^x` to about 1 ulp (Cephes' expf polynomial), branch-free so that loops over it vectorise;
