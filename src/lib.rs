@@ -1,10 +1,20 @@
 //! laco-train: LaCo layer-collapse pruning of Hugging Face decoder LLMs and knowledge-distillation
 //! recovery into LoRA adapters, on burn (CPU or CUDA).
+//!
+//! Layers, each importing only from those below it:
+//! - `cli`: argument parsing and printing
+//! - `train` (the distillation recipe), `prune` (LaCo), `eval` (perplexity, MMLU, zero-shot)
+//! - `data` (Parquet instruction data, batches), `model` (the decoder architecture)
+//! - `hf` (Hugging Face file formats), `kernels` (CPU kernels on Flex), `device` (backends),
+//!   `util` (atomic writes, progress bars)
 
 pub mod cli;
 pub mod data;
 pub mod device;
-pub mod distill;
 pub mod eval;
+pub mod hf;
+pub mod kernels;
 pub mod model;
 pub mod prune;
+pub mod train;
+pub mod util;

@@ -6,7 +6,8 @@
 use super::distill::{job, DistillArgs};
 use super::{print_json, Common};
 use crate::device::dispatch;
-use crate::distill::trainer::{throughput, Outcome};
+use crate::train::optim::throughput;
+use crate::train::recipe::Outcome;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;

@@ -1,15 +1,12 @@
 //! `laco-train distill`: recover a LaCo-pruned student by distillation from its teacher into
 //! LoRA adapters.
 
-use super::{
-    print_json,
-    prune::{calibration_lines, prune_into},
-    Common,
-};
+use super::{print_json, Common};
 use crate::device::{dispatch, Job};
-use crate::distill::checkpoint::{fingerprint, load_matching, locate};
-use crate::distill::config::DistillConfig;
-use crate::distill::trainer::{distill, Outcome, Run};
+use crate::prune::{calibration_lines, prune_into};
+use crate::train::checkpoint::{fingerprint, load_matching, locate};
+use crate::train::config::DistillConfig;
+use crate::train::recipe::{distill, Outcome, Run};
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;

@@ -1,12 +1,13 @@
 //! `laco-train eval`: perplexity on a text file, MMLU few-shot, and zero-shot PIQA, BoolQ and
 //! HellaSwag, scored as lm-evaluation-harness scores them.
 
-use super::{print_json, progress_bar, Common, ModelArgs};
+use super::{print_json, Common, ModelArgs};
 use crate::device::{dispatch, Job};
 use crate::eval::choice::{score, write_samples, Accuracy, Question};
 use crate::eval::ppl::perplexity;
 use crate::eval::{mmlu, zero_shot};
 use crate::model::Pretrained;
+use crate::util::progress_bar;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};

@@ -1,11 +1,14 @@
 //! `laco-train export`: a PEFT LoRA adapter merged into its model, written as a plain Hugging
 //! Face directory.
 
-use super::{print_json, refuse_existing, write_dir_atomically, ModelArgs};
+use super::{print_json, refuse_existing, ModelArgs};
 use crate::device::{dispatch, DeviceChoice, Job, Precision};
-use crate::model::lora::{merge_adapters, ADAPTER_CONFIG};
-use crate::model::save::{read_config, save_pretrained};
-use crate::model::ModelConfig;
+use crate::hf::config::read_config;
+use crate::hf::model_dir::save_pretrained;
+use crate::hf::peft::ADAPTER_CONFIG;
+use crate::hf::ModelConfig;
+use crate::model::lora::merge_adapters;
+use crate::util::write_dir_atomically;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
@@ -124,7 +127,7 @@ pub fn export_into<B: Backend>(
     let config = read_config(model)?;
     write_dir_atomically(out, |tmp| {
         save_pretrained(
-            &pre.lm,
+            &pre.lm.weights(),
             &config,
             model,
             tmp,

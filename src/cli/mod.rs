@@ -1,4 +1,5 @@
-//! The command line: one file per subcommand, all sharing [`Common`] options.
+//! The command line: argument parsing and printing, one file per subcommand, all sharing
+//! [`Common`] options; the jobs themselves live in the modules below.
 
 mod bench;
 mod distill;
@@ -8,7 +9,7 @@ mod generate;
 mod prune;
 
 use crate::device::{DeviceChoice, Precision};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
@@ -117,85 +118,10 @@ pub fn refuse_existing(out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// Writes the directory `out` whole or not at all: `fill` writes into a temporary directory
-/// beside `out`, which then replaces `out` (if it exists). On any error the temporary directory
-/// is removed and `out` is left as it was.
-pub fn write_dir_atomically<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    let tmp = temporary_sibling(out);
-    let write = || -> Result<T> {
-        std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
-        let value = fill(&tmp)?;
-        if out.exists() {
-            std::fs::remove_dir_all(out)
-                .with_context(|| format!("{}: cannot replace", out.display()))?;
-        }
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("{}: cannot move into place", out.display()))?;
-        Ok(value)
-    };
-    let result = write();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
-}
-
-/// `.{out}.tmp-{pid}` beside `out`, so the final rename stays on one file system.
-fn temporary_sibling(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
 /// Prints the final JSON line of a `--json` run.
 pub fn print_json(value: &serde_json::Value) {
     println!(
         "{}",
         serde_json::to_string(value).expect("JSON values serialise")
     );
-}
-
-/// A progress bar on stderr with a message slot, hidden when stderr is not a terminal.
-pub fn progress_bar(label: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(label.to_string());
-    bar
-}
-
-#[cfg(test)]
-mod tests {
-    use super::write_dir_atomically;
-
-    #[test]
-    fn a_failed_write_leaves_neither_out_nor_its_temporary_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        let r = write_dir_atomically(&out, |tmp| -> anyhow::Result<()> {
-            std::fs::write(tmp.join("half.txt"), "written")?;
-            anyhow::bail!("failed half-way")
-        });
-        assert!(r.is_err());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-
-        // A successful write replaces an existing `out` whole.
-        std::fs::create_dir(&out).unwrap();
-        std::fs::write(out.join("old.txt"), "old").unwrap();
-        write_dir_atomically(&out, |tmp| Ok(std::fs::write(tmp.join("new.txt"), "new")?)).unwrap();
-        let names: Vec<_> = std::fs::read_dir(&out)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("new.txt")]);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
 }

@@ -2,7 +2,7 @@
 //! the appended EOS carry themselves; batches are right-padded.
 
 use super::instruct::Example;
-use crate::model::Tokenizer;
+use crate::hf::Tokenizer;
 use anyhow::Result;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 

@@ -3,8 +3,9 @@
 //! checkpoint and continues exactly where the interrupted run was.
 
 use super::batch::{tokenize, Batch, Sequence};
+use super::config::DataConfig;
 use super::instruct::read_examples;
-use crate::distill::config::DistillConfig;
+use crate::hf::Tokenizer;
 use anyhow::{bail, Result};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -32,8 +33,7 @@ pub struct Mixture {
 }
 
 impl Mixture {
-    pub fn load(cfg: &DistillConfig, tok: &crate::model::Tokenizer) -> Result<Self> {
-        let d = &cfg.data;
+    pub fn load(d: &DataConfig, tok: &Tokenizer) -> Result<Self> {
         let eos = tok
             .eos_id()
             .ok_or_else(|| anyhow::anyhow!("tokenizer.json: no end-of-text token"))?;

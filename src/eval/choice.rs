@@ -3,7 +3,8 @@
 //! log-likelihood, `acc_norm` the highest log-likelihood per character of the choice.
 
 use super::loglik::{loglikelihoods, Request};
-use crate::model::{CausalLm, Rope, Tokenizer};
+use crate::hf::Tokenizer;
+use crate::model::{CausalLm, Rope};
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use indicatif::ProgressBar;

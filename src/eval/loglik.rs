@@ -6,10 +6,11 @@
 //! that request's own context.
 
 use super::ppl::token_logprobs;
+use crate::hf::Tokenizer;
 use crate::model::{
     cache::KvCache,
     chunk::{row_chunks, rows_per_chunk},
-    CausalLm, Rope, Tokenizer,
+    CausalLm, Rope,
 };
 use anyhow::Result;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};

@@ -2,9 +2,10 @@
 //! BOS added), non-overlapping windows of `window` tokens, each window predicting its last
 //! `window - 1` tokens; ppl = exp(mean NLL).
 
+use crate::kernels;
 use crate::model::{
     chunk::{predicting_rows, row_chunks, rows_per_chunk},
-    flex, CausalLm, Rope,
+    CausalLm, Rope,
 };
 use anyhow::{bail, Result};
 use burn::tensor::{backend::Backend, DType, ElementConversion, Int, Tensor, TensorData};
@@ -90,7 +91,7 @@ pub fn token_logprobs<B: Backend>(
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 2> {
     let logits = logits.cast(DType::F32);
-    let lse = flex::logsumexp(&logits).unwrap_or_else(|| {
+    let lse = kernels::logsumexp(&logits).unwrap_or_else(|| {
         let max = logits.clone().max_dim(1);
         (logits.clone() - max.clone()).exp().sum_dim(1).log() + max
     });

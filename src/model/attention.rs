@@ -2,14 +2,12 @@
 
 use super::{
     cache::KvCache,
-    checkpoint::Checkpoint,
-    config::{Family, ModelConfig},
-    flash,
     linear::Linear,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
-    save::Weight,
 };
+use crate::hf::{Family, ModelConfig, Weight, WeightReader};
+use crate::kernels;
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{activation::softmax, backend::Backend, Tensor};
@@ -22,7 +20,7 @@ pub enum Mask<B: Backend> {
     /// For the generic path: additive, `[1, seq * keys]` (causal) or `[batch * heads, seq * keys]`
     /// (padding); `None` when nothing is masked.
     Additive(Option<Tensor<B, 2>>),
-    /// For [`flash::attention`]: `batch * keys` flags, true where a key is padding.
+    /// For [`kernels::attention`]: `batch * keys` flags, true where a key is padding.
     Fused(Option<Vec<bool>>),
 }
 
@@ -41,7 +39,7 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     pub fn load(
-        ck: &Checkpoint,
+        ck: &WeightReader,
         prefix: &str,
         cfg: &ModelConfig,
         device: &B::Device,
@@ -140,8 +138,8 @@ impl<B: Backend> Attention<B> {
         let mask = match mask {
             Mask::Additive(m) => m.as_ref(),
             Mask::Fused(padding) => {
-                let out = flash::attention(q, k, v, padding.as_deref())
-                    .expect("Mask::Fused is only chosen where flex or flex_grad supports B");
+                let out = kernels::attention(q, k, v, padding.as_deref())
+                    .expect("Mask::Fused is only chosen where kernels::fused_attention holds");
                 return self.o_proj.forward(out);
             }
         };
@@ -193,15 +191,27 @@ impl<B: Backend> Attention<B> {
         self.o_proj.forward(out)
     }
 
-    pub fn weights(&self, prefix: &str, out: &mut Vec<(String, Weight<B>)>) {
-        for (name, proj) in [
+    /// The projections under their Hugging Face names.
+    pub fn projections(&self) -> [(&'static str, &Linear<B>); 4] {
+        [
             ("q_proj", &self.q_proj),
             ("k_proj", &self.k_proj),
             ("v_proj", &self.v_proj),
             ("o_proj", &self.o_proj),
-        ] {
-            proj.weights(&format!("{prefix}.{name}"), out);
-        }
+        ]
+    }
+
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear<B>); 4] {
+        [
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("o_proj", &mut self.o_proj),
+        ]
+    }
+
+    /// The per-head norms (Qwen3) under their Hugging Face names, for saving.
+    pub fn norm_weights(&self, prefix: &str, out: &mut Vec<(String, Weight<B>)>) {
         for (name, norm) in [("q_norm", &self.q_norm), ("k_norm", &self.k_norm)] {
             if let Some(n) = norm {
                 n.weights(&format!("{prefix}.{name}.weight"), out);

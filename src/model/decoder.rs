@@ -5,15 +5,13 @@
 use super::{
     attention::{Attention, Mask},
     cache::KvCache,
-    checkpoint::Checkpoint,
-    config::ModelConfig,
-    flex, flex_grad,
     linear::Linear,
     mlp::Mlp,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
-    save::Weight,
 };
+use crate::hf::{ModelConfig, Weight, WeightReader};
+use crate::kernels;
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, module::embedding, Bool, Int, Tensor, TensorData};
@@ -27,7 +25,12 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    pub fn load(ck: &Checkpoint, i: usize, cfg: &ModelConfig, device: &B::Device) -> Result<Self> {
+    pub fn load(
+        ck: &WeightReader,
+        i: usize,
+        cfg: &ModelConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
@@ -50,15 +53,41 @@ impl<B: Backend> DecoderLayer<B> {
         })
     }
 
+    /// Every projection of the layer under its Hugging Face name within the layer
+    /// (`self_attn.q_proj`, ..., `mlp.down_proj`).
+    pub fn projections(&self) -> impl Iterator<Item = (String, &Linear<B>)> {
+        let attn = self.self_attn.projections().into_iter();
+        let mlp = self.mlp.projections().into_iter();
+        attn.map(|(n, l)| (format!("self_attn.{n}"), l))
+            .chain(mlp.map(|(n, l)| (format!("mlp.{n}"), l)))
+    }
+
+    pub fn projections_mut(&mut self) -> impl Iterator<Item = (String, &mut Linear<B>)> {
+        let attn = self.self_attn.projections_mut().into_iter();
+        let mlp = self.mlp.projections_mut().into_iter();
+        attn.map(|(n, l)| (format!("self_attn.{n}"), l))
+            .chain(mlp.map(|(n, l)| (format!("mlp.{n}"), l)))
+    }
+
     /// Every weight of layer `i` under its Hugging Face name.
     pub fn weights(&self, i: usize, out: &mut Vec<(String, Weight<B>)>) {
         let p = format!("model.layers.{i}");
+        // In the order of transformers' state dict.
+        let mut projections = self.projections();
         self.input_layernorm
             .weights(&format!("{p}.input_layernorm.weight"), out);
-        self.self_attn.weights(&format!("{p}.self_attn"), out);
+        for (name, proj) in projections
+            .by_ref()
+            .take(self.self_attn.projections().len())
+        {
+            proj.weights(&format!("{p}.{name}"), out);
+        }
+        self.self_attn.norm_weights(&format!("{p}.self_attn"), out);
         self.post_attention_layernorm
             .weights(&format!("{p}.post_attention_layernorm.weight"), out);
-        self.mlp.weights(&format!("{p}.mlp"), out);
+        for (name, proj) in projections {
+            proj.weights(&format!("{p}.{name}"), out);
+        }
     }
 
     pub fn forward(
@@ -96,7 +125,7 @@ pub struct CausalLm<B: Backend> {
 impl<B: Backend> CausalLm<B> {
     /// Builds the model by walking the checkpoint's weight names; fails on any missing,
     /// misshapen or left-over tensor.
-    pub fn load(ck: &Checkpoint, cfg: &ModelConfig, device: &B::Device) -> Result<Self> {
+    pub fn load(ck: &WeightReader, cfg: &ModelConfig, device: &B::Device) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens =
             Param::from_tensor(ck.tensor("model.embed_tokens.weight", [v, h], device)?);
@@ -143,7 +172,7 @@ impl<B: Backend> CausalLm<B> {
         let device = ids.device();
         let pos = rope.at(start, seq, attn.num_heads, attn.num_kv_heads, &device);
         let mut x = embedding(self.model.embed_tokens.val(), ids);
-        let mask = if flex::supported::<B>(x.dtype()) || flex_grad::supported::<B>(x.dtype()) {
+        let mask = if kernels::fused_attention::<B>(x.dtype()) {
             Mask::Fused(key_padding.map(|p| p.clone().into_data().iter::<bool>().collect()))
         } else {
             Mask::Additive(attention_mask::<B>(
@@ -207,28 +236,30 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 
-    /// Every projection under its Hugging Face module name (`model.layers.N.self_attn.q_proj`, ...).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+    /// Every projection under its Hugging Face module name (`model.layers.N.self_attn.q_proj`,
+    /// ...), layers numbered as they stand now: the walker that saving, merging, adapters and
+    /// clipping use.
+    pub fn projections(&self) -> Vec<(String, &Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            out.extend(
+                layer
+                    .projections()
+                    .map(|(n, l)| (format!("model.layers.{i}.{n}"), l)),
+            );
+        }
+        out
+    }
+
+    /// [`CausalLm::projections`], mutable.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut layer.self_attn;
-            for (n, l) in [
-                ("q_proj", &mut a.q_proj),
-                ("k_proj", &mut a.k_proj),
-                ("v_proj", &mut a.v_proj),
-                ("o_proj", &mut a.o_proj),
-            ] {
-                out.push((format!("{p}.self_attn.{n}"), l));
-            }
-            let m = &mut layer.mlp;
-            for (n, l) in [
-                ("gate_proj", &mut m.gate_proj),
-                ("up_proj", &mut m.up_proj),
-                ("down_proj", &mut m.down_proj),
-            ] {
-                out.push((format!("{p}.mlp.{n}"), l));
-            }
+            out.extend(
+                layer
+                    .projections_mut()
+                    .map(|(n, l)| (format!("model.layers.{i}.{n}"), l)),
+            );
         }
         out
     }

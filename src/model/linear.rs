@@ -1,6 +1,8 @@
 //! A projection stored as Hugging Face stores it: `weight` is `[out_features, in_features]`.
 
-use super::{checkpoint::Checkpoint, flex, flex_grad, lora::Lora, save::Weight};
+use super::lora::Lora;
+use crate::hf::{Weight, WeightReader};
+use crate::kernels;
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
@@ -18,7 +20,7 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
     pub fn load(
-        ck: &Checkpoint,
+        ck: &WeightReader,
         prefix: &str,
         in_features: usize,
         out_features: usize,
@@ -76,18 +78,20 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// `x [rows, in] x w^T` for a weight `w [out, in]`, plus the adapter's update: one autodiff node
-/// when training on the CPU ([`flex_grad::linear`]), the direct gemm for CPU inference, burn's
-/// generic ops elsewhere.
+/// `x [rows, in] x w^T` for a weight `w [out, in]`, plus the adapter's update.
 pub fn project<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
     lora: Option<&Lora<B>>,
 ) -> Tensor<B, 2> {
-    if let Some(y) = flex_grad::linear(&x, &w, lora) {
+    // 1. Training on the CPU: the frozen product and the adapter as one autodiff node.
+    let adapter = lora.map(Lora::as_adapter);
+    if let Some(y) = kernels::linear(&x, &w, adapter.as_ref()) {
         return y;
     }
-    let y = flex::matmul_t(&x, &w).unwrap_or_else(|| x.clone().matmul(w.transpose()));
+    // 2. Otherwise the frozen product (a direct gemm for CPU inference, else burn's matmul),
+    //    plus the adapter's update through burn's ops.
+    let y = kernels::matmul_t(&x, &w).unwrap_or_else(|| x.clone().matmul(w.transpose()));
     match lora {
         Some(lora) => y + lora.delta(x),
         None => y,

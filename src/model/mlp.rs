@@ -1,8 +1,8 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 
-use super::{
-    checkpoint::Checkpoint, config::ModelConfig, linear::Linear, pointwise_grad, save::Weight,
-};
+use super::linear::Linear;
+use crate::hf::{ModelConfig, WeightReader};
+use crate::kernels;
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
@@ -16,7 +16,7 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn load(
-        ck: &Checkpoint,
+        ck: &WeightReader,
         prefix: &str,
         cfg: &ModelConfig,
         device: &B::Device,
@@ -32,13 +32,24 @@ impl<B: Backend> Mlp<B> {
     /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        let h = pointwise_grad::silu_mul(&gate, &up).unwrap_or_else(|| silu(gate) * up);
+        let h = kernels::silu_mul(&gate, &up).unwrap_or_else(|| silu(gate) * up);
         self.down_proj.forward(h)
     }
 
-    pub fn weights(&self, prefix: &str, out: &mut Vec<(String, Weight<B>)>) {
-        self.gate_proj.weights(&format!("{prefix}.gate_proj"), out);
-        self.up_proj.weights(&format!("{prefix}.up_proj"), out);
-        self.down_proj.weights(&format!("{prefix}.down_proj"), out);
+    /// The projections under their Hugging Face names.
+    pub fn projections(&self) -> [(&'static str, &Linear<B>); 3] {
+        [
+            ("gate_proj", &self.gate_proj),
+            ("up_proj", &self.up_proj),
+            ("down_proj", &self.down_proj),
+        ]
+    }
+
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear<B>); 3] {
+        [
+            ("gate_proj", &mut self.gate_proj),
+            ("up_proj", &mut self.up_proj),
+            ("down_proj", &mut self.down_proj),
+        ]
     }
 }

@@ -1,6 +1,7 @@
 //! RMSNorm as transformers computes it: statistics in f32, then scaled by `weight`.
 
-use super::{checkpoint::Checkpoint, pointwise_grad, save::Weight};
+use crate::hf::{Weight, WeightReader};
+use crate::kernels;
 use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
@@ -14,7 +15,7 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: Backend> RmsNorm<B> {
     pub fn load(
-        ck: &Checkpoint,
+        ck: &WeightReader,
         name: &str,
         dim: usize,
         eps: f64,
@@ -28,7 +29,7 @@ impl<B: Backend> RmsNorm<B> {
 
     /// Normalises the last dimension of a tensor of any rank (computed on a 2-D view).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        if let Some(y) = pointwise_grad::rms_norm(&x, &self.weight.val(), self.eps) {
+        if let Some(y) = kernels::rms_norm(&x, &self.weight.val(), self.eps) {
             return y;
         }
         let dims = x.dims();

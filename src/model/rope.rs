@@ -4,7 +4,7 @@
 //! positions being run and tiles them over the heads, and every layer shares that [`RopeAt`].
 //! Everything runs on 2-D `[rows, cols]` views, which CPU backends handle without strided loops.
 
-use super::pointwise_grad;
+use crate::kernels;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 pub struct Rope<B: Backend> {
@@ -85,7 +85,7 @@ impl<B: Backend> Rope<B> {
         table: &(Tensor<B, 2>, Tensor<B, 2>),
         scale: f64,
     ) -> Tensor<B, 4> {
-        if let Some(y) = pointwise_grad::rope(&x, &table.0, &table.1, scale as f32) {
+        if let Some(y) = kernels::rope(&x, &table.0, &table.1, scale as f32) {
             return y;
         }
         let dims = x.dims();

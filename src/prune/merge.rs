@@ -1,6 +1,6 @@
 //! Collapsing layers l..l+C-1 into one layer.
 
-use crate::model::{attention::Attention, decoder::DecoderLayer, linear::Linear, mlp::Mlp};
+use crate::model::{decoder::DecoderLayer, linear::Linear};
 use burn::module::Param;
 use burn::tensor::{backend::Backend, DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -21,27 +21,16 @@ pub enum MergeMode {
 /// biases merge by `mode`, computed in f32; norms (input, post-attention, q_norm, k_norm) are
 /// the lowest layer's.
 pub fn merge_layers<B: Backend>(layers: &[DecoderLayer<B>], mode: MergeMode) -> DecoderLayer<B> {
-    let first = &layers[0];
-    let lin = |pick: fn(&DecoderLayer<B>) -> &Linear<B>| -> Linear<B> {
-        let all: Vec<&Linear<B>> = layers.iter().map(pick).collect();
-        merge_linear(&all, mode)
-    };
-    DecoderLayer {
-        input_layernorm: first.input_layernorm.clone(),
-        self_attn: Attention {
-            q_proj: lin(|l| &l.self_attn.q_proj),
-            k_proj: lin(|l| &l.self_attn.k_proj),
-            v_proj: lin(|l| &l.self_attn.v_proj),
-            o_proj: lin(|l| &l.self_attn.o_proj),
-            ..first.self_attn.clone()
-        },
-        post_attention_layernorm: first.post_attention_layernorm.clone(),
-        mlp: Mlp {
-            gate_proj: lin(|l| &l.mlp.gate_proj),
-            up_proj: lin(|l| &l.mlp.up_proj),
-            down_proj: lin(|l| &l.mlp.down_proj),
-        },
+    let sources: Vec<Vec<&Linear<B>>> = layers
+        .iter()
+        .map(|l| l.projections().map(|(_, p)| p).collect())
+        .collect();
+    let mut merged = layers[0].clone();
+    for (i, (_, proj)) in merged.projections_mut().enumerate() {
+        let all: Vec<&Linear<B>> = sources.iter().map(|s| s[i]).collect();
+        *proj = merge_linear(&all, mode);
     }
+    merged
 }
 
 fn merge_linear<B: Backend>(all: &[&Linear<B>], mode: MergeMode) -> Linear<B> {

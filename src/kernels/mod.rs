@@ -1,0 +1,59 @@
+//! Hand-written CPU kernels for burn's Flex backend (f32): the only code in laco-train that knows
+//! Flex. Inference on `Flex` and training on `Autodiff<Flex>` run through them; every other
+//! backend (CUDA, wgpu), dtype or autodiff setup gets `None` from each op, and the caller runs
+//! burn's generic tensor ops instead, in one visible place per op (as candle-nn's ops dispatch
+//! between their fast paths and a slow reference).
+//!
+//! - [`matmul_t`], [`linear`]: projections on a gemm split across threads; in training one
+//!   autodiff node for the frozen product plus the LoRA adapter (dropout mask regenerated, not
+//!   stored)
+//! - [`attention`]: fused causal attention, with a backward pass that recomputes the
+//!   probabilities block by block from the kept log-sum-exps
+//! - [`rms_norm`], [`rope`], [`silu_mul`], [`logsumexp`]: row kernels with a vectorised exp
+//! - [`kd_ce_sums`]: a chunk of logit rows' KD and CE sums, its gradient in one pass
+//!
+//! [`with_generic_ops`] switches them all off for the current thread, so tests can compare
+//! both paths on the same backend.
+
+mod attention;
+mod flex;
+mod gemm;
+mod kd;
+mod pointwise;
+mod projection;
+mod simd;
+
+pub use attention::attention;
+pub use kd::kd_ce_sums;
+pub use pointwise::{logsumexp, rms_norm, rope, silu_mul};
+pub use projection::{linear, matmul_t, Adapter};
+
+use burn::tensor::{backend::Backend, DType};
+use std::cell::Cell;
+
+thread_local! {
+    static GENERIC_ONLY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every kernel switched off on this thread: each op returns `None` and the
+/// caller's generic tensor ops run instead.
+pub fn with_generic_ops<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC_ONLY.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GENERIC_ONLY.with(|g| g.replace(true)));
+    f()
+}
+
+fn enabled() -> bool {
+    !GENERIC_ONLY.with(Cell::get)
+}
+
+/// Whether [`attention`] runs for tensors of backend `B` and this dtype (the model then builds
+/// its masks as key-padding flags instead of additive tensors).
+pub fn fused_attention<B: Backend>(dtype: DType) -> bool {
+    flex::inference::<B>(dtype) || flex::training::<B>(dtype)
+}

@@ -1,0 +1,192 @@
+//! The prune job: load a model, run LaCo on its calibration sentences, write the pruned model as
+//! a Hugging Face directory with `laco_report.json`.
+
+use super::{collapse, Calibration, LacoSettings, Step};
+use crate::hf::config::read_config;
+use crate::hf::model_dir::save_pretrained;
+use crate::model::Pretrained;
+use crate::util::{progress_bar, write_dir_atomically};
+use anyhow::{bail, Result};
+use burn::tensor::backend::Backend;
+use std::path::{Path, PathBuf};
+
+/// The bundled calibration text (1911 Britannica prose, public domain), one paragraph per line.
+pub const BUNDLED_CALIBRATION: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/datasets/laco-calibration.txt");
+
+/// Prunes `model` into `out` (replaced if it exists) and returns the report also written as
+/// `out/laco_report.json`. The directory appears whole or not at all.
+pub fn prune_into<B: Backend>(
+    model: &Path,
+    out: &Path,
+    settings: &LacoSettings,
+    calibration: &[String],
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<serde_json::Value> {
+    let started = std::time::Instant::now();
+    let pre = Pretrained::<B>::load(model, device)?;
+    let n = pre.lm.num_layers();
+    let c = settings.calibration_tokens;
+    let sentences = calibration
+        .iter()
+        .map(|s| {
+            pre.tokenizer
+                .encode(s)
+                .map(|ids| ids.into_iter().take(c).collect::<Vec<_>>())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let sentences: Vec<Vec<u32>> = sentences.into_iter().filter(|s| !s.is_empty()).collect();
+    let calib = Calibration::new(&pre.lm, &pre.rope, &sentences, batch_size, device)?;
+
+    let bar = progress_bar("laco");
+    bar.set_length(calib.num_batches() as u64);
+    let on_step = |step: &Step| {
+        bar.println(describe(step));
+        bar.reset();
+    };
+    let pruned = collapse(pre.lm.clone(), &pre.rope, &calib, settings, on_step, || {
+        bar.inc(1)
+    });
+    bar.finish_and_clear();
+
+    let report = write_dir_atomically(out, |tmp| {
+        let config = pruned_config(model, &pruned.origin)?;
+        save_pretrained(
+            &pruned.lm.weights(),
+            &config,
+            model,
+            tmp,
+            pre.storage.dtype,
+            pre.storage.shards,
+        )?;
+        let secs = started.elapsed().as_secs_f64();
+        let report = report(
+            model,
+            out,
+            settings,
+            n,
+            &pruned.trace,
+            &pruned.origin,
+            sentences.len(),
+            secs,
+        );
+        std::fs::write(
+            tmp.join("laco_report.json"),
+            serde_json::to_string_pretty(&report)? + "\n",
+        )?;
+        Ok(report)
+    })?;
+    eprintln!(
+        "pruned {n} -> {} layers into {} ({:.1}s)",
+        pruned.lm.num_layers(),
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(report)
+}
+
+fn describe(step: &Step) -> String {
+    match (&step.stopped, step.similarity, step.accepted) {
+        (Some(why), _, _) => format!("lay {:>3}: stopped ({why})", step.lay),
+        (None, Some(sim), Some(ok)) => format!(
+            "lay {:>3}: merge {:?} similarity {sim:.6} {}",
+            step.lay,
+            step.original_layers.as_deref().unwrap_or_default(),
+            if ok { "accepted" } else { "rejected" }
+        ),
+        _ => format!("lay {:>3}", step.lay),
+    }
+}
+
+/// The source config.json with num_hidden_layers (and layer_types) for the kept layers.
+fn pruned_config(source: &Path, origin: &[Vec<usize>]) -> Result<serde_json::Value> {
+    let mut config = read_config(source)?;
+    config["num_hidden_layers"] = origin.len().into();
+    if let Some(types) = config
+        .get("layer_types")
+        .and_then(|t| t.as_array())
+        .cloned()
+    {
+        let kept: Vec<serde_json::Value> = origin
+            .iter()
+            .filter_map(|o| types.get(o[0]).cloned())
+            .collect();
+        config["layer_types"] = kept.into();
+    }
+    Ok(config)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    model: &Path,
+    out: &Path,
+    s: &LacoSettings,
+    n: usize,
+    trace: &[Step],
+    origin: &[Vec<usize>],
+    sentences: usize,
+    secs: f64,
+) -> serde_json::Value {
+    let sims: Vec<f64> = trace.iter().filter_map(|s| s.similarity).collect();
+    let accepted: Vec<f64> = trace
+        .iter()
+        .filter(|s| s.accepted == Some(true))
+        .filter_map(|s| s.similarity)
+        .collect();
+    let stats = |v: &[f64]| {
+        if v.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let avg = v.iter().sum::<f64>() / v.len() as f64;
+        let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        serde_json::json!({"average": avg, "min": min, "max": max})
+    };
+    serde_json::json!({
+        "task": "prune",
+        "source": model.display().to_string(),
+        "out": out.display().to_string(),
+        "parameters": {
+            "merge_layers": s.merge_layers, "lowest_layer": s.lowest_layer, "highest_layer": s.highest(n),
+            "interval": s.interval, "threshold": s.threshold, "max_compression": s.max_compression,
+            "merge_mode": s.merge_mode,
+            "calibration": s.calibration.as_ref().map_or(BUNDLED_CALIBRATION.to_string(), |p| p.display().to_string()),
+            "calibration_sentences": sentences, "calibration_tokens": s.calibration_tokens,
+        },
+        "original_layers": n,
+        "final_layers": origin.len(),
+        "layers_kept": origin,
+        "trace": trace,
+        "statistics": {
+            "successful_merges": accepted.len(),
+            "rejected_merges": trace.iter().filter(|s| s.accepted == Some(false)).count(),
+            "total_iterations": trace.len(),
+            "final_compression": (n - origin.len()) as f64 / n as f64,
+            "similarity": stats(&sims),
+            "similarity_of_accepted": stats(&accepted),
+        },
+        "seconds": secs,
+    })
+}
+
+/// The calibration sentences of `settings` (one per non-empty line), or the bundled ones.
+pub fn calibration_lines(settings: &LacoSettings) -> Result<Vec<String>> {
+    let path = settings
+        .calibration
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(BUNDLED_CALIBRATION));
+    let lines: Vec<String> = crate::data::read_text(&path)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if lines.is_empty() {
+        bail!(
+            "{}: no calibration sentences (one per line expected)",
+            path.display()
+        );
+    }
+    Ok(lines)
+}

@@ -1,0 +1,246 @@
+//! Checkpoints of a distill run, under RUN_DIR/checkpoints/step-NNNNNNN: the adapter in PEFT's
+//! format, AdamW's moments per adapter tensor (optimizer.safetensors), and state.json (global
+//! step, which also fixes the learning-rate schedule and the per-step random seed; tokens seen;
+//! the data cursor; the settings a resume must share; the baseline evaluations; the metrics so
+//! far in metrics.jsonl). Each is written to a temporary directory, fsynced and renamed; then
+//! `checkpoints/latest` is replaced atomically to name it. A crash at any moment leaves the
+//! previous checkpoint whole and named by `latest`.
+
+use super::config::DistillConfig;
+use super::evaluate::Baseline;
+use super::metrics::METRICS;
+use super::optim::Optim;
+use crate::data::mixture::Cursor;
+use crate::hf::peft::{self, Part};
+use crate::hf::weights::{write_safetensors, Weight, WeightReader};
+use crate::model::{lora::save_adapter, lora::LoraSettings, CausalLm};
+use crate::util::{write_dir_atomically, write_file_atomically};
+use anyhow::{anyhow, bail, Context, Result};
+use burn::module::{Param, ParamId};
+use burn::optim::{record::AdaptorRecord, AdamWState, AdaptiveMomentumState, Optimizer};
+use burn::tensor::{backend::AutodiffBackend, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+type OptimRecord<B> = <Optim<B> as Optimizer<CausalLm<B>, B>>::Record;
+
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "state.json";
+const LATEST: &str = "latest";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub step: usize,
+    pub tokens: usize,
+    pub final_loss: f64,
+    pub data: Cursor,
+    /// What a resumed run must share with this one (see [`differing_field`]).
+    pub fingerprint: serde_json::Value,
+    /// Teacher and pruned-student evaluations made before step 1.
+    pub baseline: Baseline,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// Writes the checkpoint of `state.step`, points `latest` at it and keeps the newest `keep`.
+pub fn save<B: AutodiffBackend>(
+    run_dir: &Path,
+    state: &State,
+    lm: &CausalLm<B>,
+    optim: &Optim<B>,
+    lora: &LoraSettings,
+    student: &Path,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let name = format!("step-{:07}", state.step);
+    let target = dir.join(&name);
+    let records = optim.to_record();
+    write_dir_atomically(&target, |tmp| {
+        let adapter = tmp.join("adapter");
+        std::fs::create_dir(&adapter)?;
+        save_adapter(lm, lora, student, &adapter)?;
+        let mut moments = Vec::new();
+        for (name, a, b) in adapter_params(lm) {
+            for (part, id) in [(Part::A, a), (Part::B, b)] {
+                let Some(record) = records.get(&id) else {
+                    continue;
+                };
+                let s: AdamWState<B::InnerBackend, 2> = record.clone().into_state();
+                let key = peft::key(&name, part);
+                let m = |t| Weight::Matrix(t);
+                moments.push((format!("{key}.exp_avg"), m(s.momentum.moment_1)));
+                moments.push((format!("{key}.exp_avg_sq"), m(s.momentum.moment_2)));
+            }
+        }
+        write_safetensors(&moments, safetensors::Dtype::F32, &tmp.join(OPTIMIZER))?;
+        let metrics = run_dir.join(METRICS);
+        if metrics.exists() {
+            std::fs::copy(&metrics, tmp.join(METRICS))?;
+        }
+        std::fs::write(tmp.join(STATE), serde_json::to_string_pretty(state)? + "\n")?;
+        Ok(())
+    })
+    .with_context(|| format!("{}: cannot write the checkpoint", target.display()))?;
+    write_file_atomically(&dir.join(LATEST), format!("{name}\n").as_bytes())?;
+    remove_old(&dir, keep.max(1), &name);
+    Ok(target)
+}
+
+/// (module name, lora_A id, lora_B id) of every adapted projection, in model order.
+fn adapter_params<B: AutodiffBackend>(lm: &CausalLm<B>) -> Vec<(String, ParamId, ParamId)> {
+    lm.projections()
+        .into_iter()
+        .filter_map(|(name, l)| {
+            l.lora
+                .as_ref()
+                .map(|a| (name.clone(), a.lora_a.id, a.lora_b.id))
+        })
+        .collect()
+}
+
+/// Removes all but the newest `keep` step directories (never `current`), and stray temporary
+/// directories of interrupted writes.
+fn remove_old(dir: &Path, keep: usize, current: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut steps: Vec<String> = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("step-") {
+            steps.push(name);
+        } else if name.starts_with(".step-") && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep);
+    for name in steps.into_iter().take(excess) {
+        if name != current {
+            let _ = std::fs::remove_dir_all(dir.join(name));
+        }
+    }
+}
+
+/// The checkpoint `--resume` continues from: `explicit`, or the one `latest` names in RUN_DIR.
+pub fn locate(run_dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+    let dir = match explicit {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let ckpts = checkpoints_dir(run_dir);
+            let pointer = ckpts.join(LATEST);
+            let name = std::fs::read_to_string(&pointer).map_err(|_| {
+                anyhow!(
+                    "{}: no checkpoint to resume from (run without --resume to start)",
+                    ckpts.display()
+                )
+            })?;
+            ckpts.join(name.trim())
+        }
+    };
+    if !dir.join(STATE).is_file() {
+        bail!("{}: not a complete checkpoint (no {STATE})", dir.display());
+    }
+    Ok(dir)
+}
+
+/// What a resumed run must share with the checkpoint's: teacher, student, model, LaCo, data,
+/// LoRA, loss and optimiser settings (max_steps or epochs, eval and checkpoint settings may
+/// change).
+pub fn fingerprint(
+    cfg: &DistillConfig,
+    teacher: &Path,
+    student: &Path,
+) -> Result<serde_json::Value> {
+    let mut optim = serde_json::to_value(&cfg.optim)?;
+    optim["max_steps"] = serde_json::Value::Null;
+    optim["epochs"] = serde_json::Value::Null;
+    Ok(serde_json::json!({
+        "teacher": teacher, "student": student, "model": cfg.model, "laco": cfg.laco,
+        "data": cfg.data, "lora": cfg.lora, "loss": cfg.loss, "optim": optim,
+    }))
+}
+
+/// The checkpoint's state, if its fingerprint equals `fingerprint`; else an error naming the
+/// first differing setting.
+pub fn load_matching(dir: &Path, fingerprint: &serde_json::Value) -> Result<State> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let state: State =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if let Some(field) = differing_field(&state.fingerprint, fingerprint, "") {
+        bail!(
+            "--resume {}: the config differs from the checkpoint's in {field}",
+            dir.display()
+        );
+    }
+    Ok(state)
+}
+
+/// Puts the checkpoint's adapter weights into `lm` (whose adapters were just attached with the
+/// same settings) and returns the optimizer record for them.
+pub fn restore<B: AutodiffBackend>(
+    dir: &Path,
+    state: &State,
+    lm: &mut CausalLm<B>,
+    device: &B::Device,
+) -> Result<OptimRecord<B>> {
+    let weights = WeightReader::open_file(&dir.join("adapter").join(peft::ADAPTER_WEIGHTS))?;
+    let moments = WeightReader::open_file(&dir.join(OPTIMIZER))?;
+    let mut records = OptimRecord::<B>::default();
+    for (name, l) in lm.projections_mut() {
+        let Some(lora) = l.lora.as_mut() else {
+            continue;
+        };
+        for (part, param) in [(Part::A, &mut lora.lora_a), (Part::B, &mut lora.lora_b)] {
+            let key = peft::key(&name, part);
+            let shape = param.dims();
+            let value: Tensor<B::InnerBackend, 2> = weights.tensor(&key, shape, device)?;
+            *param = Param::initialized(param.id, Tensor::from_inner(value).require_grad());
+            if moments.contains(&format!("{key}.exp_avg")) {
+                let m1 = moments.tensor(&format!("{key}.exp_avg"), shape, device)?;
+                let m2 = moments.tensor(&format!("{key}.exp_avg_sq"), shape, device)?;
+                // One AdamW step per training step: its bias-correction count is the step.
+                let momentum = AdaptiveMomentumState::new(state.step, m1, m2);
+                records.insert(param.id, AdaptorRecord::from_state(AdamWState { momentum }));
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// The first setting (as a dotted path) whose value differs between a checkpoint's fingerprint
+/// and this run's, with both values.
+fn differing_field(
+    saved: &serde_json::Value,
+    now: &serde_json::Value,
+    path: &str,
+) -> Option<String> {
+    use serde_json::Value;
+    match (saved, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter().find_map(|k| {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                differing_field(
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    &p,
+                )
+            })
+        }
+        _ if saved == now => None,
+        _ => Some(format!("{path} (checkpoint: {saved}, now: {now})")),
+    }
+}

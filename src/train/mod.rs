@@ -1,0 +1,10 @@
+//! Knowledge distillation of a pruned student from its teacher into LoRA adapters: the recipe
+//! ([`recipe`]) and its components.
+
+pub mod checkpoint;
+pub mod config;
+pub mod evaluate;
+pub mod loss;
+pub mod metrics;
+pub mod optim;
+pub mod recipe;

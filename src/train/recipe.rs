@@ -1,0 +1,388 @@
+//! The distillation recipe, as torchtune writes one: [`Recipe::setup`] (named steps in
+//! dependency order), [`Recipe::train`] (the loop: learning rate, micro-batches, loss step,
+//! clip, optimiser step, log, evaluate, checkpoint), [`Recipe::finish`] (final evaluation,
+//! RUN_DIR/eval.json, the PEFT adapter). The pruned student is frozen and learns, through fresh
+//! LoRA adapters, the teacher's next-token distributions on instruction data. The components
+//! are beside it: config, loss, optim (AdamW, schedule, clipping), checkpoint (resume state),
+//! metrics (metrics.jsonl and TensorBoard), evaluate (held-out perplexity and MMLU).
+
+use super::checkpoint::{self, State};
+use super::config::DistillConfig;
+use super::evaluate::{Baseline, HeldOut};
+use super::loss::loss_step;
+use super::metrics::Metrics;
+use super::optim::{adamw, clip_global_norm, lr_at, throughput, Optim};
+use crate::data::batch::Batch;
+use crate::data::mixture::Mixture;
+use crate::eval::mmlu::Report;
+use crate::model::lora::{attach_new, save_adapter};
+use crate::model::{CausalLm, Pretrained, Rope};
+use crate::util::{progress_bar, write_dir_atomically};
+use anyhow::{bail, Context, Result};
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::{backend::AutodiffBackend, ElementConversion};
+use indicatif::ProgressBar;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub student: PathBuf,
+    pub teacher: PathBuf,
+    pub adapter: PathBuf,
+    /// The final checkpoint (RUN_DIR/checkpoints/step-N).
+    pub checkpoint: Option<PathBuf>,
+    pub steps: usize,
+    pub final_loss: f64,
+    pub ppl_teacher: f64,
+    pub ppl_student: f64,
+    pub ppl_recovered: f64,
+    pub mmlu_teacher: Option<f64>,
+    pub mmlu_pruned: Option<f64>,
+    pub mmlu_recovered: Option<f64>,
+    /// Training tokens per second of this process's steps (evaluations and checkpoints excluded).
+    pub tokens_per_sec: f64,
+    /// (training tokens, seconds) of each step this process ran, for throughput after a warm-up.
+    #[serde(skip)]
+    pub step_times: Vec<(usize, f64)>,
+}
+
+/// Where and how a run goes, beyond its config.
+pub struct Run {
+    pub teacher: PathBuf,
+    pub student: PathBuf,
+    pub run_dir: PathBuf,
+    /// The checkpoint to continue from (`--resume`).
+    pub resume: Option<PathBuf>,
+    /// Set by SIGINT/SIGTERM: finish the step, checkpoint, stop.
+    pub stop: Arc<AtomicBool>,
+}
+
+pub enum Outcome {
+    Finished(Summary),
+    Interrupted { step: usize, checkpoint: PathBuf },
+}
+
+/// Runs the job; `run.run_dir` exists. Per-step metrics go to RUN_DIR/metrics.jsonl and
+/// RUN_DIR/tb, checkpoints to RUN_DIR/checkpoints.
+pub fn distill<B: AutodiffBackend>(
+    cfg: &DistillConfig,
+    run: &Run,
+    device: &B::Device,
+) -> Result<Outcome> {
+    let mut recipe = Recipe::<B>::setup(cfg, run, device)?;
+    if let Some(interrupted) = recipe.train()? {
+        return Ok(interrupted);
+    }
+    recipe.finish().map(Outcome::Finished)
+}
+
+/// A run in progress: what setup built, and where training stands.
+struct Recipe<'a, B: AutodiffBackend> {
+    cfg: DistillConfig,
+    run: &'a Run,
+    device: B::Device,
+    teacher: Pretrained<B::InnerBackend>,
+    /// The frozen student's rotary tables, and the same for evaluating on the inner backend.
+    rope: Rope<B>,
+    eval_rope: Rope<B::InnerBackend>,
+    /// The student with its adapters.
+    lm: CausalLm<B>,
+    optim: Optim<B>,
+    data: Mixture,
+    held_out: HeldOut,
+    metrics: Metrics,
+    fingerprint: serde_json::Value,
+    baseline: Baseline,
+    /// Steps done (the next step's index), training tokens seen, the last step's loss.
+    step: usize,
+    tokens: usize,
+    final_loss: f64,
+    step_times: Vec<(usize, f64)>,
+    saved_at: Option<PathBuf>,
+    bar: ProgressBar,
+}
+
+impl<'a, B: AutodiffBackend> Recipe<'a, B> {
+    fn setup(cfg: &DistillConfig, run: &'a Run, device: &B::Device) -> Result<Self> {
+        // 1. Models. The teacher runs on the inner backend: no graph, no gradients.
+        let teacher = Pretrained::<B::InnerBackend>::load(&run.teacher, device)?;
+        let student = Pretrained::<B>::load(&run.student, device)?;
+        if teacher.config.vocab_size != student.config.vocab_size
+            || teacher.tokenizer.vocab_size() != student.tokenizer.vocab_size()
+        {
+            bail!(
+                "{} and {}: teacher and student must share a tokenizer and vocabulary (vocab_size {} vs {})",
+                run.teacher.display(), run.student.display(), teacher.config.vocab_size, student.config.vocab_size
+            );
+        }
+        // 2. The checkpoint to resume, which must match the config and models.
+        let fingerprint = checkpoint::fingerprint(cfg, &run.teacher, &run.student)?;
+        let checkpoints = checkpoint::checkpoints_dir(&run.run_dir);
+        std::fs::create_dir_all(&checkpoints)
+            .with_context(|| format!("{}: cannot create", checkpoints.display()))?;
+        let resumed = match &run.resume {
+            Some(dir) => Some((dir.clone(), checkpoint::load_matching(dir, &fingerprint)?)),
+            None => None,
+        };
+        // 3. Data: depends on the student's tokenizer; epochs turn into steps once it is read.
+        let mut data = Mixture::load(&cfg.data, &student.tokenizer)?;
+        let mut cfg = cfg.clone();
+        cfg.resolve_epochs(data.sequences());
+        // 4. Adapters and optimiser. The backend's generator is seeded so adapter
+        //    initialisation (and, per step, dropout) is reproducible.
+        B::seed(device, cfg.data.seed);
+        let mut lm = attach_new(student.lm.clone(), &cfg.lora, device);
+        let mut optim = adamw::<B>(&cfg.optim);
+        // 5. Held-out evaluation, on the student's tokenizer.
+        let held_out = HeldOut::load(&cfg.output, &student.tokenizer, student.config.max_length)?;
+        let eval_rope = Rope::<B::InnerBackend>::new(
+            student.config.head_dim,
+            student.config.rope_theta,
+            device,
+        );
+        // 6. Resume (adapters, optimiser moments, data cursor, metrics rewound), or measure the
+        //    teacher and the pruned student before training.
+        let (step, tokens, final_loss, baseline, metrics) = match resumed {
+            Some((dir, state)) => {
+                data.seek(&state.data)
+                    .map_err(|e| anyhow::anyhow!("--resume {}: {e}", dir.display()))?;
+                optim = optim.load_record(checkpoint::restore(&dir, &state, &mut lm, device)?);
+                let metrics = Metrics::resume(&run.run_dir, &dir, state.step)?;
+                eprintln!("resuming from {} (step {})", dir.display(), state.step);
+                (
+                    state.step,
+                    state.tokens,
+                    state.final_loss,
+                    state.baseline,
+                    metrics,
+                )
+            }
+            None => {
+                let baseline = Baseline {
+                    ppl_teacher: held_out.ppl(&teacher.lm, &teacher.rope)?,
+                    ppl_student: held_out.ppl(&lm.valid(), &eval_rope)?,
+                    mmlu_teacher: held_out.mmlu(&teacher.lm, &teacher.rope)?,
+                    mmlu_student: held_out.mmlu(&lm.valid(), &eval_rope)?,
+                };
+                let mut metrics = Metrics::start(&run.run_dir)?;
+                metrics.eval(0, baseline.ppl_student, baseline.mmlu_student.as_ref());
+                (0, 0, f64::NAN, baseline, metrics)
+            }
+        };
+        baseline.print();
+        let bar = progress_bar("distill");
+        bar.set_length(cfg.optim.max_steps as u64);
+        bar.set_position(step as u64);
+        Ok(Self {
+            run,
+            device: device.clone(),
+            teacher,
+            rope: student.rope,
+            eval_rope,
+            lm,
+            optim,
+            data,
+            held_out,
+            metrics,
+            fingerprint,
+            baseline,
+            step,
+            tokens,
+            final_loss,
+            step_times: Vec::new(),
+            saved_at: run.resume.clone(),
+            bar,
+            cfg,
+        })
+    }
+
+    /// Trains to `max_steps`; `Some` when SIGINT/SIGTERM stopped it after a checkpoint.
+    fn train(&mut self) -> Result<Option<Outcome>> {
+        let o = self.cfg.optim.clone();
+        while self.step < o.max_steps {
+            let started = Instant::now();
+            // Dropout masks depend on the step alone, so a resumed run draws the same ones.
+            let seed =
+                self.cfg.data.seed ^ (self.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            B::seed(&self.device, seed);
+            let lr = lr_at(&o, self.step);
+            let micro: Vec<Batch<B>> = (0..o.grad_accum)
+                .map(|_| self.data.batch(o.batch_size, &self.device))
+                .collect();
+            let (mut grads, [loss, kd, ce], tokens) = self.accumulate(&micro);
+            let grad_norm = clip_global_norm(&self.lm, &mut grads, o.grad_clip);
+            self.lm = self.optim.step(lr, self.lm.clone(), grads);
+            self.step += 1;
+            self.tokens += tokens;
+            self.final_loss = loss;
+            self.step_times
+                .push((tokens, started.elapsed().as_secs_f64()));
+            let tps = throughput(&self.step_times);
+            self.bar.set_message(format!(
+                "loss {loss:.4} kd {kd:.4} ce {ce:.4} {tps:.0} tok/s"
+            ));
+            self.bar.inc(1);
+            let scalars = [
+                ("loss", loss),
+                ("kd_loss", kd),
+                ("ce_loss", ce),
+                ("lr", lr),
+                ("grad_norm", grad_norm),
+                ("tokens_per_sec", tps),
+            ];
+            let eval = self.evaluate_if_due()?;
+            let eval = eval.as_ref().map(|(ppl, mmlu)| (*ppl, mmlu.as_ref()));
+            self.metrics.step(self.step, &scalars, eval)?;
+            if let Some(interrupted) = self.checkpoint_if_due()? {
+                return Ok(Some(interrupted));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every micro-batch's loss step and backward pass, accumulated: the step's gradients, its
+    /// (loss, kd, ce) and its training tokens. Accumulation weighs every counted token equally:
+    /// each micro-batch's sums are divided by the whole step's count.
+    fn accumulate(&self, micro: &[Batch<B>]) -> (GradientsParams, [f64; 3], usize) {
+        let count: usize = micro.iter().map(|b| b.count).sum();
+        let mut acc = GradientsAccumulator::new();
+        let (mut sums, mut tokens) = ([0.0; 3], 0);
+        for batch in micro {
+            let (loss, kd, ce) = loss_step(
+                &self.lm,
+                &self.rope,
+                &self.teacher,
+                batch,
+                &self.cfg.loss,
+                count,
+            );
+            sums[0] += loss.clone().into_scalar().elem::<f64>();
+            sums[1] += kd;
+            sums[2] += ce;
+            let grads = GradientsParams::from_grads(loss.backward(), &self.lm);
+            acc.accumulate(&self.lm, grads);
+            tokens += batch.tokens;
+        }
+        (acc.grads(), sums, tokens)
+    }
+
+    /// The periodic held-out evaluation, every `eval_every` steps before the last.
+    fn evaluate_if_due(&mut self) -> Result<Option<(f64, Option<Report>)>> {
+        let (every, done) = (self.cfg.output.eval_every, self.step);
+        if every == 0 || done % every != 0 || done >= self.cfg.optim.max_steps {
+            return Ok(None);
+        }
+        let (ppl, mmlu) = self.held_out.measure(&self.lm.valid(), &self.eval_rope)?;
+        self.bar
+            .println(format!("step {done}: held-out ppl {ppl:.3}"));
+        if let Some(m) = &mmlu {
+            self.bar.println(format!("step {done}: MMLU {:.4}", m.acc));
+        }
+        Ok(Some((ppl, mmlu)))
+    }
+
+    /// A checkpoint when due, at the end, and when asked to stop; after a stop, the outcome.
+    fn checkpoint_if_due(&mut self) -> Result<Option<Outcome>> {
+        let stop = self.run.stop.load(Ordering::SeqCst);
+        let (every, done, max) = (
+            self.cfg.checkpoint.every,
+            self.step,
+            self.cfg.optim.max_steps,
+        );
+        if !(stop || done == max || (every > 0 && done % every == 0)) {
+            return Ok(None);
+        }
+        self.metrics.flush()?;
+        let state = State {
+            step: done,
+            tokens: self.tokens,
+            final_loss: self.final_loss,
+            data: self.data.cursor(),
+            fingerprint: self.fingerprint.clone(),
+            baseline: self.baseline.clone(),
+        };
+        let dir = checkpoint::save(
+            &self.run.run_dir,
+            &state,
+            &self.lm,
+            &self.optim,
+            &self.cfg.lora,
+            &self.run.student,
+            self.cfg.checkpoint.keep,
+        )?;
+        self.saved_at = Some(dir.clone());
+        if stop && done < max {
+            self.bar.finish_and_clear();
+            return Ok(Some(Outcome::Interrupted {
+                step: done,
+                checkpoint: dir,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// The final evaluation (RUN_DIR/eval.json) and the adapter (RUN_DIR/adapter).
+    fn finish(mut self) -> Result<Summary> {
+        self.bar.finish_and_clear();
+        let (cfg, run_dir, max) = (&self.cfg, &self.run.run_dir, self.cfg.optim.max_steps);
+        let (ppl_recovered, mmlu_recovered) =
+            self.held_out.measure(&self.lm.valid(), &self.eval_rope)?;
+        self.metrics
+            .eval(max, ppl_recovered, mmlu_recovered.as_ref());
+        self.metrics.flush()?;
+        let Baseline {
+            ppl_teacher,
+            ppl_student,
+            mmlu_teacher,
+            mmlu_student,
+        } = self.baseline;
+        eprintln!("held-out ppl: teacher {ppl_teacher:.3}, pruned {ppl_student:.3}, recovered {ppl_recovered:.3}");
+        let mmlu_acc = |m: &Option<Report>| m.as_ref().map(|m| m.acc);
+        if let Some(m) = &mmlu_recovered {
+            eprintln!(
+                "MMLU: teacher {:.4}, pruned {:.4}, recovered {:.4}",
+                mmlu_acc(&mmlu_teacher).unwrap_or(f64::NAN),
+                mmlu_acc(&mmlu_student).unwrap_or(f64::NAN),
+                m.acc
+            );
+        }
+        let eval = serde_json::json!({
+            "step": max,
+            "ppl": {"text": cfg.output.eval_text, "tokens": cfg.output.eval_tokens,
+                    "teacher": ppl_teacher, "pruned": ppl_student, "recovered": ppl_recovered},
+            "mmlu": mmlu_recovered.as_ref().map(|_| serde_json::json!({
+                "limit_per_subject": cfg.output.mmlu_limit, "shots": cfg.output.mmlu_shots,
+                "teacher": mmlu_teacher, "pruned": mmlu_student, "recovered": mmlu_recovered,
+            })),
+        });
+        std::fs::write(
+            run_dir.join("eval.json"),
+            serde_json::to_string_pretty(&eval)? + "\n",
+        )?;
+        let adapter = run_dir.join("adapter");
+        write_dir_atomically(&adapter, |tmp| {
+            save_adapter(&self.lm, &cfg.lora, &self.run.student, tmp)
+        })?;
+        Ok(Summary {
+            student: self.run.student.clone(),
+            teacher: self.run.teacher.clone(),
+            adapter,
+            checkpoint: self.saved_at,
+            steps: max,
+            final_loss: self.final_loss,
+            ppl_teacher,
+            ppl_student,
+            ppl_recovered,
+            mmlu_teacher: mmlu_acc(&mmlu_teacher),
+            mmlu_pruned: mmlu_acc(&mmlu_student),
+            mmlu_recovered: mmlu_acc(&mmlu_recovered),
+            tokens_per_sec: throughput(&self.step_times),
+            step_times: self.step_times,
+        })
+    }
+}
