@@ -2,20 +2,14 @@
 //! LoRA adapters.
 
 use super::{print_json, Common};
-use crate::device::{dispatch, Job};
-use crate::prune::{calibration_lines, prune_into};
+use crate::device::dispatch;
 use crate::train::checkpoint::{fingerprint, load_matching, locate};
 use crate::train::config::DistillConfig;
-use crate::train::recipe::{distill, Outcome, Run};
+use crate::train::job::DistillJob;
+use crate::train::recipe::Outcome;
 use anyhow::{bail, Result};
-use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
 use clap::Args;
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::flag;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 /// Train LoRA adapters on a pruned student so that it matches the teacher's next-token
 /// distributions (KD mixed with cross-entropy) on instruction data.
@@ -56,62 +50,6 @@ pub struct DistillArgs {
     pub save_every: Option<usize>,
     #[command(flatten)]
     pub common: Common,
-}
-
-pub(super) struct DistillJob {
-    pub cfg: DistillConfig,
-    teacher: PathBuf,
-    student: Option<PathBuf>,
-    run_dir: PathBuf,
-    resume: Option<PathBuf>,
-}
-
-impl Job for DistillJob {
-    type Output = Outcome;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Outcome> {
-        std::fs::create_dir_all(&self.run_dir)?;
-        let student = match self.student {
-            Some(dir) => dir,
-            None => {
-                let dir = self.run_dir.join("student");
-                if dir.join("config.json").exists() {
-                    eprintln!("reusing the pruned student in {}", dir.display());
-                } else {
-                    let calibration = calibration_lines(&self.cfg.laco)?;
-                    prune_into::<B>(
-                        &self.cfg.model.base,
-                        &dir,
-                        &self.cfg.laco,
-                        &calibration,
-                        8,
-                        &device,
-                    )?;
-                }
-                dir
-            }
-        };
-        // SIGINT/SIGTERM ask the loop to checkpoint and stop; a second one exits at once.
-        let stop = Arc::new(AtomicBool::new(false));
-        for signal in [SIGINT, SIGTERM] {
-            flag::register_conditional_shutdown(signal, 130, stop.clone())?;
-            flag::register(signal, stop.clone())?;
-        }
-        let run = Run {
-            teacher: self.teacher,
-            student,
-            run_dir: self.run_dir.clone(),
-            resume: self.resume,
-            stop,
-        };
-        let outcome = distill::<Autodiff<B>>(&self.cfg, &run, &device)?;
-        if let Outcome::Finished(summary) = &outcome {
-            std::fs::write(
-                self.run_dir.join("summary.json"),
-                serde_json::to_string_pretty(summary)? + "\n",
-            )?;
-        }
-        Ok(outcome)
-    }
 }
 
 pub fn run(args: DistillArgs) -> Result<()> {

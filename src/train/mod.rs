@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
+pub mod job;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
