@@ -3,7 +3,8 @@
 //!
 //! Layers, each importing only from those below it:
 //! - `cli`: argument parsing and printing
-//! - `train` (the distillation recipe), `prune` (LaCo), `eval` (perplexity, MMLU, zero-shot)
+//! - `train` (the distillation recipe), `prune` (LaCo), `eval` (perplexity, MMLU, zero-shot),
+//!   `export` (an adapter merged into its model)
 //! - `data` (Parquet instruction data, batches), `model` (the decoder architecture)
 //! - `hf` (Hugging Face file formats), `kernels` (CPU kernels on Flex), `device` (backends),
 //!   `util` (atomic writes, progress bars)
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod export;
 pub mod hf;
 pub mod kernels;
 pub mod model;

@@ -4,7 +4,7 @@
 //! the process's peak resident memory.
 
 use super::distill::{job, DistillArgs};
-use super::{print_json, Common};
+use super::{at_least_one, print_json, Common};
 use crate::device::dispatch;
 use crate::train::optim::throughput;
 use crate::train::recipe::Outcome;
@@ -24,7 +24,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub student: Option<PathBuf>,
     /// Steps to run.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one())]
     pub steps: usize,
     /// Leading steps left out of tokens/s (the first steps also fault in the process's memory);
     /// the figure over all steps is printed too.
@@ -59,6 +59,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         data: args.data.clone(),
         resume: None,
         save_every: Some(0),
+        force: false,
         common: args.common.clone(),
     };
     let mut job = job(distill)?;

@@ -1,15 +1,17 @@
 //! `laco-train distill`: recover a LaCo-pruned student by distillation from its teacher into
 //! LoRA adapters.
 
-use super::{print_json, Common};
+use super::{at_least_one, print_json, Common};
 use crate::device::dispatch;
+use crate::hf::{hub, ModelConfig};
 use crate::train::checkpoint::{fingerprint, load_matching, locate};
 use crate::train::config::DistillConfig;
 use crate::train::job::DistillJob;
 use crate::train::recipe::Outcome;
+use crate::util::fs::absolute;
 use anyhow::{bail, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Train LoRA adapters on a pruned student so that it matches the teacher's next-token
 /// distributions (KD mixed with cross-entropy) on instruction data.
@@ -25,19 +27,22 @@ pub struct DistillArgs {
     /// TOML config (see configs/); default: the embedded configs/tiny.toml.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// `base` (the config's unpruned base model) or a model directory.
+    /// `base` (the config's unpruned base model), a model directory or a Hugging Face id in
+    /// the local cache (`ORG/NAME[@revision]`).
     #[arg(long, default_value = "base")]
     pub teacher: String,
-    /// The pruned student (a `prune` output); default: prune the base into RUN_DIR/student.
+    /// The pruned student (a `prune` output, or a Hugging Face id in the local cache); default:
+    /// prune the base into RUN_DIR/student.
     #[arg(long)]
     pub student: Option<PathBuf>,
     /// Run directory (overrides output.run_dir).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Optimiser steps (overrides optim.max_steps).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub max_steps: Option<usize>,
-    /// Parquet files (override data.files, with equal weights).
+    /// Parquet files or Hugging Face dataset ids in the local cache (override data.files, with
+    /// equal weights).
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
     /// Continue from the newest complete checkpoint in RUN_DIR, or from the checkpoint
@@ -48,6 +53,10 @@ pub struct DistillArgs {
     /// Steps between checkpoints (overrides checkpoint.every; 0: only at the end).
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Replace a run already in RUN_DIR (atomically; a pruned student that matches this run's
+    /// base model and [laco] settings is kept).
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -81,36 +90,54 @@ pub(super) fn job(args: DistillArgs) -> Result<DistillJob> {
     if let Some(n) = args.max_steps {
         cfg.optim.max_steps = n;
     }
+    let origin = args
+        .config
+        .as_ref()
+        .map_or("configs/tiny.toml (embedded)".into(), |p| {
+            p.display().to_string()
+        });
+    cfg.resolve_hub_ids(&origin)?;
     if !args.data.is_empty() {
         cfg.data.files = args.data.clone();
         cfg.data.weights.clear();
+        cfg.data.resolve(Path::new("."), "--data")?;
     }
     if let Some(out) = &args.out {
-        cfg.output.run_dir = out.clone();
+        cfg.output.run_dir = absolute(out)?;
     }
     if let Some(n) = args.save_every {
         cfg.checkpoint.every = n;
     }
     cfg.validate("command line")?;
+    let model = |spec: &Path, what: &str| -> Result<PathBuf> {
+        absolute(&hub::model_dir(spec, spec, None, what)?)
+    };
     let teacher = if args.teacher == "base" {
         cfg.model.base.clone()
     } else {
-        PathBuf::from(&args.teacher)
+        model(Path::new(&args.teacher), "--teacher")?
     };
+    let student = args
+        .student
+        .as_deref()
+        .map(|s| model(s, "--student"))
+        .transpose()?;
     for (what, dir) in [("teacher", &teacher), ("base model", &cfg.model.base)] {
         if !dir.join("config.json").exists() {
             bail!("{}: not a model directory ({what})", dir.display());
         }
+    }
+    if student.is_none() {
+        // The base is pruned with these settings: check them against its layers now.
+        let layers = ModelConfig::from_dir(&cfg.model.base)?.num_hidden_layers;
+        cfg.laco.validate(layers, &format!("{origin}: laco"))?;
     }
     let run_dir = cfg.output.run_dir.clone();
     // A resume that cannot continue fails here, before any model is loaded or pruned.
     let resume = match &args.resume {
         Some(explicit) => {
             let dir = locate(&run_dir, explicit.as_deref())?;
-            let student = args
-                .student
-                .clone()
-                .unwrap_or_else(|| run_dir.join("student"));
+            let student = student.clone().unwrap_or_else(|| run_dir.join("student"));
             load_matching(&dir, &fingerprint(&cfg, &teacher, &student)?)?;
             Some(dir)
         }
@@ -119,9 +146,10 @@ pub(super) fn job(args: DistillArgs) -> Result<DistillJob> {
     let job = DistillJob {
         cfg,
         teacher,
-        student: args.student,
+        student,
         run_dir,
         resume,
     };
+    job.prepare(args.force)?;
     Ok(job)
 }

@@ -1,17 +1,18 @@
 //! `laco-train eval`: perplexity on a text file, MMLU few-shot, and zero-shot PIQA, BoolQ and
 //! HellaSwag, scored as lm-evaluation-harness scores them.
 
-use super::{print_json, Common, ModelArgs};
+use super::{at_least_one, at_least_two, print_json, Common, ModelArgs};
 use crate::device::{dispatch, Job};
 use crate::eval::choice::{score, write_samples, Accuracy, Question};
 use crate::eval::ppl::perplexity;
 use crate::eval::{mmlu, zero_shot};
 use crate::model::Pretrained;
+use crate::util::fs::check_writable;
 use crate::util::progress_bar;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Task {
@@ -49,10 +50,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub text: Option<PathBuf>,
     /// Tokens per window (ppl).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_two())]
     pub window: usize,
     /// Use only the first N tokens of the file (ppl); default: all.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_two())]
     pub max_tokens: Option<usize>,
     /// Dataset: a cais/mmlu directory (mmlu; default: the bundled one) or a Parquet file or
     /// directory (piqa, boolq, hellaswag).
@@ -65,13 +66,13 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub subjects: Vec<String>,
     /// The first N test questions of each MMLU subject, or of the zero-shot task.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub limit: Option<usize>,
     /// Write one JSON line per question (subject, question, loglik, pred, answer) to FILE.
     #[arg(long)]
     pub log_samples: Option<PathBuf>,
     /// Windows (ppl) or questions (the others) per forward pass.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one())]
     pub batch_size: usize,
     #[command(flatten)]
     pub common: Common,
@@ -92,24 +93,40 @@ impl Job for EvalArgs {
 }
 
 impl EvalArgs {
+    /// The model as the user named it, for messages.
+    fn model_name(&self) -> &Path {
+        self.model
+            .model
+            .as_deref()
+            .unwrap_or(Path::new("the bundled model"))
+    }
+
     fn ppl<B: Backend>(self, pre: Pretrained<B>) -> Result<()> {
-        let path = self.text.expect("checked in run");
+        let path = self.text.clone().expect("checked in run");
         let text = crate::data::read_text(&path)?;
         let mut ids = pre.tokenizer.encode(&text)?;
         if let Some(n) = self.max_tokens {
             ids.truncate(n);
         }
+        if ids.len() < 2 {
+            bail!(
+                "{}: {} tokens; perplexity needs at least 2",
+                path.display(),
+                ids.len()
+            );
+        }
         let bar = progress_bar("ppl");
         let started = std::time::Instant::now();
-        let r = perplexity(
-            &pre.lm,
-            &pre.rope,
-            &ids,
-            self.window,
-            self.batch_size.max(1),
-            &bar,
-        )?;
+        let r = perplexity(&pre.lm, &pre.rope, &ids, self.window, self.batch_size, &bar)?;
         bar.finish_and_clear();
+        if !r.ppl.is_finite() {
+            bail!(
+                "{}: perplexity is {} (mean NLL {}): the model's logits are not finite (NaN weights?)",
+                self.model_name().display(),
+                r.ppl,
+                r.mean_nll
+            );
+        }
         let secs = started.elapsed().as_secs_f64();
         let tokens_per_sec = ids.len() as f64 / secs;
         eprintln!(
@@ -188,10 +205,19 @@ impl EvalArgs {
             &pre.tokenizer,
             pre.config.max_length,
             questions,
-            self.batch_size.max(1),
+            self.batch_size,
             &bar,
         )?;
         bar.finish_and_clear();
+        if scored
+            .iter()
+            .any(|s| s.loglik.iter().any(|l| !l.is_finite()))
+        {
+            bail!(
+                "{}: log-likelihoods are not finite: the model's logits are not finite (NaN weights?)",
+                self.model_name().display()
+            );
+        }
         let secs = started.elapsed().as_secs_f64();
         let per_sec = questions.len() as f64 / secs;
         eprintln!(
@@ -215,6 +241,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             )
         }
         _ => {}
+    }
+    if let Some(path) = &args.log_samples {
+        // Fails now, not after hours of evaluation.
+        check_writable(path, "--log-samples")?;
     }
     let common = args.common.clone();
     dispatch(common.device, common.dtype, args)

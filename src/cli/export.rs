@@ -1,19 +1,17 @@
 //! `laco-train export`: a PEFT LoRA adapter merged into its model, written as a plain Hugging
 //! Face directory.
 
-use super::{print_json, refuse_existing, ModelArgs};
+use super::{print_json, refuse_existing, resolve_model};
 use crate::device::{dispatch, DeviceChoice, Job, Precision};
-use crate::hf::config::read_config;
-use crate::hf::model_dir::save_pretrained;
+use crate::export::export_into;
 use crate::hf::peft::ADAPTER_CONFIG;
 use crate::hf::ModelConfig;
-use crate::model::lora::merge_adapters;
-use crate::util::write_dir_atomically;
+use crate::util::refuse_overlap;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use safetensors::Dtype;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Merge a PEFT LoRA adapter into its model and write a plain Hugging Face directory.
 ///
@@ -32,9 +30,13 @@ use std::path::{Path, PathBuf};
 /// Example: laco-train export --model runs/tiny/student --adapter runs/tiny/adapter --out runs/tiny/merged
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// Hugging Face model directory the adapter was trained on (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model directory the adapter was trained on (config.json, *.safetensors,
+    /// tokenizer.json), or its id in the local Hugging Face cache (ORG/NAME).
     #[arg(long)]
     pub model: PathBuf,
+    /// Revision (branch, tag or commit) of a --model given by Hugging Face id.
+    #[arg(long)]
+    pub revision: Option<String>,
     /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to merge into --model.
     #[arg(long)]
     pub adapter: PathBuf,
@@ -92,64 +94,30 @@ impl WeightDtype {
 impl Job for ExportArgs {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let summary = export_into::<B>(&self.model, &self.adapter, &self.out, self.dtype, &device)?;
+        let dtype = self.dtype.map(WeightDtype::safetensors);
+        let done = export_into::<B>(&self.model, &self.adapter, &self.out, dtype, &device)?;
+        let dtype = WeightDtype::of(done.dtype).name();
+        eprintln!(
+            "merged {} LoRA projections into {} ({dtype}, {:.1}s)",
+            done.merged,
+            self.out.display(),
+            done.seconds
+        );
         if self.json {
-            print_json(&summary);
+            print_json(&serde_json::json!({
+                "out": self.out.display().to_string(),
+                "dtype": dtype,
+                "merged_modules": done.merged,
+            }));
         }
         Ok(())
     }
 }
 
-/// Merges `adapter` into `model` and writes the result to `out` (replaced if it exists) in
-/// `dtype` (default: the model's storage dtype). Returns the `--json` summary.
-pub fn export_into<B: Backend>(
-    model: &Path,
-    adapter: &Path,
-    out: &Path,
-    dtype: Option<WeightDtype>,
-    device: &B::Device,
-) -> Result<serde_json::Value> {
-    let started = std::time::Instant::now();
-    let args = ModelArgs {
-        model: Some(model.to_path_buf()),
-        adapter: Some(adapter.to_path_buf()),
-    };
-    let mut pre = args.load::<B>(device)?;
-    let merged = merge_adapters(&mut pre.lm);
-    if merged == 0 {
-        bail!(
-            "{}: target_modules names no projection of {}",
-            adapter.join(ADAPTER_CONFIG).display(),
-            model.display()
-        );
-    }
-    let dtype = dtype.unwrap_or(WeightDtype::of(pre.storage.dtype));
-    let config = read_config(model)?;
-    write_dir_atomically(out, |tmp| {
-        save_pretrained(
-            &pre.lm.weights(),
-            &config,
-            model,
-            tmp,
-            dtype.safetensors(),
-            pre.storage.shards,
-        )
-    })?;
-    eprintln!(
-        "merged {merged} LoRA projections into {} ({}, {:.1}s)",
-        out.display(),
-        dtype.name(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(serde_json::json!({
-        "out": out.display().to_string(),
-        "dtype": dtype.name(),
-        "merged_modules": merged,
-    }))
-}
-
-pub fn run(args: ExportArgs) -> Result<()> {
+pub fn run(mut args: ExportArgs) -> Result<()> {
     // What can be wrong with the request is checked before any weights load.
+    args.model = resolve_model(&args.model, args.revision.as_deref(), "--model")?;
+    args.adapter = resolve_model(&args.adapter, None, "--adapter")?;
     ModelConfig::from_dir(&args.model)?;
     let adapter_config = args.adapter.join(ADAPTER_CONFIG);
     if !adapter_config.is_file() {
@@ -159,6 +127,11 @@ pub fn run(args: ExportArgs) -> Result<()> {
         );
     }
     refuse_existing(&args.out, args.force)?;
+    refuse_overlap(
+        "--out",
+        &args.out,
+        &[("model", &args.model), ("adapter", &args.adapter)],
+    )?;
     // The merge is computed in f32 whatever the written dtype.
     dispatch(args.device, Precision::F32, args)
 }

@@ -3,6 +3,7 @@
 use super::{print_json, Common, ModelArgs};
 use crate::device::{dispatch, Job};
 use crate::model::generate::{generate, Sampling};
+use crate::util::check::{fraction_flag, non_negative_flag};
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
@@ -20,10 +21,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy (argmax).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_flag)]
     pub temperature: f64,
-    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = fraction_flag)]
     pub top_p: f64,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]

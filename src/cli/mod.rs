@@ -67,13 +67,19 @@ impl clap::builder::ValueParserFactory for DeviceChoice {
     }
 }
 
-/// `--model DIR [--adapter DIR]`: the model to run, with an optional PEFT LoRA adapter.
+/// `--model DIR [--revision REV] [--adapter DIR]`: the model to run, with an optional PEFT LoRA
+/// adapter.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json); default: the bundled tiny Qwen3.
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or its id in the
+    /// local Hugging Face cache (ORG/NAME); default: the bundled tiny Qwen3.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) applied on top of --model.
+    /// Revision (branch, tag or commit) of a --model given by Hugging Face id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors), or its id in
+    /// the local Hugging Face cache, applied on top of --model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
 }
@@ -83,17 +89,42 @@ impl ModelArgs {
         &self,
         device: &B::Device,
     ) -> Result<crate::model::Pretrained<B>> {
-        let mut pre = crate::model::Pretrained::<B>::load(&model_dir(&self.model), device)?;
-        if let Some(dir) = &self.adapter {
-            crate::model::lora::load_adapter(&mut pre.lm, dir, device)?;
+        let dir = model_or_bundled(&self.model, self.revision.as_deref())?;
+        let mut pre = crate::model::Pretrained::<B>::load(&dir, device)?;
+        if let Some(adapter) = &self.adapter {
+            let dir = resolve_model(adapter, None, "--adapter")?;
+            crate::model::lora::load_adapter(&mut pre.lm, &dir, device)?;
         }
         Ok(pre)
     }
 }
 
-/// `--model DIR`, defaulting to the bundled tiny model.
-pub fn model_dir(arg: &Option<PathBuf>) -> PathBuf {
-    arg.clone().unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL))
+/// `--model`: a directory or a Hugging Face id in the local cache; without it the bundled tiny
+/// model, when this binary's source tree (where it lives) is still there.
+pub fn model_or_bundled(model: &Option<PathBuf>, revision: Option<&str>) -> Result<PathBuf> {
+    match model {
+        Some(spec) => resolve_model(spec, revision, "--model"),
+        None if Path::new(BUNDLED_MODEL).is_dir() => Ok(PathBuf::from(BUNDLED_MODEL)),
+        None => bail!(
+            "--model: not given, and the bundled tiny model is not at {BUNDLED_MODEL} (it lives in \
+             the source tree this binary was built from); pass --model DIR or ORG/NAME"
+        ),
+    }
+}
+
+/// A model or adapter flag: a directory, or a Hugging Face id in the local cache.
+pub fn resolve_model(spec: &Path, revision: Option<&str>, flag: &str) -> Result<PathBuf> {
+    crate::hf::hub::model_dir(spec, spec, revision, flag)
+}
+
+/// A count flag that must be at least 1.
+pub fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
+/// A count flag that must be at least 2.
+pub fn at_least_two() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(2..)
 }
 
 pub fn run(cli: Cli) -> Result<()> {

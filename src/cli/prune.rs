@@ -1,9 +1,11 @@
 //! `laco-train prune`: LaCo layer collapse into a new Hugging Face directory.
 
-use super::{model_dir, print_json, refuse_existing, Common};
+use super::{at_least_one, model_or_bundled, print_json, refuse_existing, Common};
 use crate::device::{dispatch, Job};
 use crate::hf::ModelConfig;
 use crate::prune::{calibration_lines, prune_into, settings::LacoTable, LacoSettings, MergeMode};
+use crate::util::check::parse_toml;
+use crate::util::refuse_overlap;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use clap::Args;
@@ -20,9 +22,13 @@ use std::path::PathBuf;
 /// Mercity/Qwen3-8B-LaCo-Pruned were made.
 #[derive(Args, Debug)]
 pub struct PruneArgs {
-    /// Hugging Face model directory to prune; default: the bundled tiny Qwen3.
+    /// Hugging Face model directory to prune, or its id in the local Hugging Face cache
+    /// (ORG/NAME); default: the bundled tiny Qwen3.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Revision (branch, tag or commit) of a --model given by Hugging Face id.
+    #[arg(long)]
+    pub revision: Option<String>,
     /// Output directory (refused if it exists, unless --force).
     #[arg(long)]
     pub out: PathBuf,
@@ -57,7 +63,7 @@ pub struct PruneArgs {
     #[arg(long)]
     pub calibration_tokens: Option<usize>,
     /// Calibration sentences per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one())]
     pub batch_size: usize,
     /// Replace --out if it exists.
     #[arg(long)]
@@ -73,9 +79,7 @@ impl PruneArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("{}: cannot read", path.display()))?;
-                toml::from_str::<LacoTable>(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?
-                    .laco
+                parse_toml::<LacoTable>(&text, &path.display().to_string())?.laco
             }
             None => LacoSettings::default(),
         };
@@ -128,7 +132,7 @@ impl Job for PruneJob {
 
 pub fn run(args: PruneArgs) -> Result<()> {
     // Everything that can be wrong with the request is checked before any weights load.
-    let model = model_dir(&args.model);
+    let model = model_or_bundled(&args.model, args.revision.as_deref())?;
     let settings = args.settings()?;
     let config = ModelConfig::from_dir(&model)?;
     let origin = args
@@ -137,6 +141,7 @@ pub fn run(args: PruneArgs) -> Result<()> {
         .map_or("laco settings".to_string(), |p| p.display().to_string());
     settings.validate(config.num_hidden_layers, &origin)?;
     refuse_existing(&args.out, args.force)?;
+    refuse_overlap("--out", &args.out, &[("model", &model)])?;
     let calibration = calibration_lines(&settings)?;
     let common = args.common.clone();
     dispatch(

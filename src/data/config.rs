@@ -1,8 +1,11 @@
 //! The `[data]` table of a training config: which Parquet files, mixed how, cut where.
 
+use crate::hf::hub;
+use crate::util::check;
+use crate::util::fs::absolute;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +32,25 @@ fn d_max_examples() -> usize {
 }
 
 impl DataConfig {
+    /// Turns `files` into absolute paths of Parquet files: each entry is a path (relative to
+    /// `base`) or a Hugging Face dataset id in the local cache (`ORG/NAME`, all its Parquet
+    /// files, each with an equal share of the entry's weight; or `ORG/NAME/path.parquet`).
+    pub fn resolve(&mut self, base: &Path, origin: &str) -> Result<()> {
+        let (mut files, mut weights) = (Vec::new(), Vec::new());
+        for (i, spec) in self.files.iter().enumerate() {
+            let found =
+                hub::dataset_files(&base.join(spec), spec, &format!("{origin}: data.files"))?;
+            if let Some(w) = self.weights.get(i) {
+                weights.extend(std::iter::repeat_n(w / found.len() as f64, found.len()));
+            }
+            for f in found {
+                files.push(absolute(&f)?);
+            }
+        }
+        (self.files, self.weights) = (files, weights);
+        Ok(())
+    }
+
     /// Checks the table; `origin` names where it came from.
     pub fn validate(&self, origin: &str) -> Result<()> {
         if self.files.is_empty() {
@@ -36,16 +58,20 @@ impl DataConfig {
         }
         if !self.weights.is_empty()
             && (self.weights.len() != self.files.len()
-                || self.weights.iter().any(|w| *w < 0.0)
+                || self.weights.iter().any(|w| !(w.is_finite() && *w >= 0.0))
                 || self.weights.iter().sum::<f64>() <= 0.0)
         {
             bail!(
-                "{origin}: data.weights must give one non-negative weight per file (not all zero)"
+                "{origin}: data.weights must give one finite, non-negative weight per file (not all zero), got {:?}",
+                self.weights
             );
         }
-        if self.max_seq_len < 2 {
-            bail!("{origin}: data.max_seq_len must be at least 2");
-        }
+        check::at_least(&format!("{origin}: data.max_seq_len"), self.max_seq_len, 2)?;
+        check::at_least(
+            &format!("{origin}: data.max_examples"),
+            self.max_examples,
+            1,
+        )?;
         Ok(())
     }
 }

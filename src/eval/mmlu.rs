@@ -196,7 +196,14 @@ fn read_docs(files: &[PathBuf], wanted: &dyn Fn(&str) -> bool) -> Result<Vec<Doc
 /// The test questions of `dir` (default: the bundled MMLU) as prompts with their few-shot
 /// examples, grouped by subject in lm-eval's (alphabetical) order.
 pub fn load(dir: Option<&Path>, sel: &Selection) -> Result<Vec<Question>> {
-    let dir = dir.unwrap_or(Path::new(BUNDLED));
+    let dir = match dir {
+        Some(d) => d,
+        None if Path::new(BUNDLED).is_dir() => Path::new(BUNDLED),
+        None => bail!(
+            "--data: not given, and the bundled MMLU is not at {BUNDLED} (it lives in the source \
+             tree this binary was built from); pass --data DIR, a cais/mmlu download"
+        ),
+    };
     for s in &sel.subjects {
         if category(s).is_none() {
             bail!("--subjects: unknown MMLU subject {s:?} (names like abstract_algebra, high_school_physics)");

@@ -1,6 +1,7 @@
 //! `config.json` of a Hugging Face causal LM, read as the file spells it, then turned into the
 //! runtime shape the decoder needs.
 
+use crate::util::check;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -121,6 +122,25 @@ impl HfConfig {
             None if self.hidden_size.is_multiple_of(heads) => self.hidden_size / heads,
             None => bail!("{p}: head_dim is missing and hidden_size is not divisible by heads"),
         };
+        let at = |field: &str| format!("{p}: {field}");
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("head_dim", head_dim),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings.unwrap_or(1),
+            ),
+        ] {
+            check::at_least(&at(field), v, 1)?;
+        }
+        if !head_dim.is_multiple_of(2) {
+            bail!("{p}: head_dim must be even for the rotary embedding, got {head_dim}");
+        }
+        check::positive(&at("rms_norm_eps"), self.rms_norm_eps)?;
+        check::positive(&at("rope_theta"), rope_theta)?;
         let attention_bias = self.attention_bias.unwrap_or(false);
         let qkv_bias = attention_bias || family == Family::Qwen2;
         let o_bias = attention_bias && family != Family::Qwen2;

@@ -33,6 +33,21 @@ impl Tokenizer {
             .map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
+    /// What makes two tokenizers the same: the model (vocabulary, merges) and the added and
+    /// special tokens, as tokenizer.json spells them.
+    pub fn content(&self) -> Result<serde_json::Value> {
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| anyhow!("tokenizer: {e}"))?;
+        let mut all: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| anyhow!("tokenizer: {e}"))?;
+        Ok(serde_json::json!({
+            "model": all["model"].take(),
+            "added_tokens": all["added_tokens"].take(),
+        }))
+    }
+
     /// Number of tokens the tokenizer defines, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

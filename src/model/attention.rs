@@ -12,6 +12,9 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{activation::softmax, backend::Backend, Tensor};
 
+/// The projections' Hugging Face names, in the order of the module's weights.
+pub const PROJECTIONS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+
 /// Queries per block of a causal attention pass longer than this.
 const QUERY_BLOCK: usize = 256;
 
@@ -191,22 +194,24 @@ impl<B: Backend> Attention<B> {
         self.o_proj.forward(out)
     }
 
-    /// The projections under their Hugging Face names.
+    /// The projections under their Hugging Face names ([`PROJECTIONS`]).
     pub fn projections(&self) -> [(&'static str, &Linear<B>); 4] {
+        let [q, k, v, o] = PROJECTIONS;
         [
-            ("q_proj", &self.q_proj),
-            ("k_proj", &self.k_proj),
-            ("v_proj", &self.v_proj),
-            ("o_proj", &self.o_proj),
+            (q, &self.q_proj),
+            (k, &self.k_proj),
+            (v, &self.v_proj),
+            (o, &self.o_proj),
         ]
     }
 
     pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear<B>); 4] {
+        let [q, k, v, o] = PROJECTIONS;
         [
-            ("q_proj", &mut self.q_proj),
-            ("k_proj", &mut self.k_proj),
-            ("v_proj", &mut self.v_proj),
-            ("o_proj", &mut self.o_proj),
+            (q, &mut self.q_proj),
+            (k, &mut self.k_proj),
+            (v, &mut self.v_proj),
+            (o, &mut self.o_proj),
         ]
     }
 

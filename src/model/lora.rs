@@ -2,13 +2,13 @@
 //! ([`attach_new`], initialised as PEFT does), PEFT adapter directories read into the model and
 //! written from it (the format itself is [`crate::hf::peft`]), and merging into the weights.
 
-use super::CausalLm;
+use super::{attention, mlp, CausalLm};
 use crate::hf::peft::{self, AdapterFiles, LoraConfig, Part};
 use crate::hf::weights::{write_safetensors, Weight};
 use crate::kernels::Adapter;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -117,24 +117,40 @@ pub struct LoraSettings {
 }
 
 impl Default for LoraSettings {
-    /// The Mercity/Qwen3-8B-LaCo-Pruned card's recovery settings.
+    /// The Mercity/Qwen3-8B-LaCo-Pruned card's recovery settings: every projection.
     fn default() -> Self {
-        let targets = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
         Self {
             r: 32,
             alpha: 64.0,
             dropout: 0.05,
-            target_modules: targets.map(String::from).to_vec(),
+            target_modules: projection_names().map(String::from).collect(),
         }
     }
+}
+
+impl LoraSettings {
+    /// Every target is a projection of the decoder, and there is at least one.
+    pub fn check_targets(&self, place: &str) -> Result<()> {
+        let known: Vec<&str> = projection_names().collect();
+        if self.target_modules.is_empty() {
+            bail!("{place} is empty (expected some of {known:?})");
+        }
+        if let Some(t) = self
+            .target_modules
+            .iter()
+            .find(|t| !known.contains(&t.as_str()))
+        {
+            bail!(
+                "{place}: \"{t}\" is not a projection of this decoder (expected some of {known:?})"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The short names of every projection of a decoder layer (`q_proj`, ..., `down_proj`).
+fn projection_names() -> impl Iterator<Item = &'static str> {
+    attention::PROJECTIONS.into_iter().chain(mlp::PROJECTIONS)
 }
 
 /// Freezes every weight of `lm` and adds fresh adapters on the targeted projections, initialised
@@ -182,15 +198,27 @@ pub fn adapter_weights<B: Backend>(lm: &CausalLm<B>) -> Vec<(String, Weight<B>)>
     out
 }
 
-/// Writes `lm`'s adapters as a PEFT adapter directory (`out` must exist) for `base_model`.
+/// Writes `lm`'s adapters as a PEFT adapter directory (`out` must exist) for `base_model`;
+/// refuses adapters holding a NaN or an infinity.
 pub fn save_adapter<B: Backend>(
     lm: &CausalLm<B>,
     s: &LoraSettings,
     base_model: &Path,
     out: &Path,
 ) -> Result<()> {
+    let weights = adapter_weights(lm);
+    for (key, weight) in &weights {
+        let Weight::Matrix(t) = weight else { continue };
+        // 0 x inf and 0 x NaN are NaN: the sum is finite only when every element is.
+        let probe: f64 = t.clone().mul_scalar(0.0).sum().into_scalar().elem();
+        if !probe.is_finite() {
+            bail!(
+                "{key} holds a NaN or an infinity: the adapter is not written (training diverged)"
+            );
+        }
+    }
     write_safetensors(
-        &adapter_weights(lm),
+        &weights,
         safetensors::Dtype::F32,
         &out.join(peft::ADAPTER_WEIGHTS),
     )?;

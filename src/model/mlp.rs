@@ -7,6 +7,9 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
 
+/// The projections' Hugging Face names, in the order of the module's weights.
+pub const PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     pub gate_proj: Linear<B>,
@@ -36,20 +39,22 @@ impl<B: Backend> Mlp<B> {
         self.down_proj.forward(h)
     }
 
-    /// The projections under their Hugging Face names.
+    /// The projections under their Hugging Face names ([`PROJECTIONS`]).
     pub fn projections(&self) -> [(&'static str, &Linear<B>); 3] {
+        let [gate, up, down] = PROJECTIONS;
         [
-            ("gate_proj", &self.gate_proj),
-            ("up_proj", &self.up_proj),
-            ("down_proj", &self.down_proj),
+            (gate, &self.gate_proj),
+            (up, &self.up_proj),
+            (down, &self.down_proj),
         ]
     }
 
     pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear<B>); 3] {
+        let [gate, up, down] = PROJECTIONS;
         [
-            ("gate_proj", &mut self.gate_proj),
-            ("up_proj", &mut self.up_proj),
-            ("down_proj", &mut self.down_proj),
+            (gate, &mut self.gate_proj),
+            (up, &mut self.up_proj),
+            (down, &mut self.down_proj),
         ]
     }
 }

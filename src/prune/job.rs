@@ -5,14 +5,20 @@ use super::{collapse, Calibration, LacoSettings, Step};
 use crate::hf::config::read_config;
 use crate::hf::model_dir::save_pretrained;
 use crate::model::Pretrained;
+use crate::util::check::first_difference;
+use crate::util::fs::absolute;
 use crate::util::{progress_bar, write_dir_atomically};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::backend::Backend;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// The bundled calibration text (1911 Britannica prose, public domain), one paragraph per line.
-pub const BUNDLED_CALIBRATION: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/datasets/laco-calibration.txt");
+/// The report a prune writes beside the model.
+pub const REPORT: &str = "laco_report.json";
+
+/// The bundled calibration text (1911 Britannica prose, public domain), one paragraph per line,
+/// built into the binary; reports name it by this.
+pub const BUNDLED_CALIBRATION: &str = "datasets/laco-calibration.txt (bundled)";
+const BUNDLED_CALIBRATION_TEXT: &str = include_str!("../../datasets/laco-calibration.txt");
 
 /// Prunes `model` into `out` (replaced if it exists) and returns the report also written as
 /// `out/laco_report.json`. The directory appears whole or not at all.
@@ -71,12 +77,12 @@ pub fn prune_into<B: Backend>(
             sentences.len(),
             secs,
         );
-        std::fs::write(
-            tmp.join("laco_report.json"),
-            serde_json::to_string_pretty(&report)? + "\n",
-        )?;
+        let path = tmp.join(REPORT);
+        std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(report)
-    })?;
+    })
+    .with_context(|| format!("{}: cannot write the pruned model", out.display()))?;
     eprintln!(
         "pruned {n} -> {} layers into {} ({:.1}s)",
         pruned.lm.num_layers(),
@@ -117,6 +123,55 @@ fn pruned_config(source: &Path, origin: &[Vec<usize>]) -> Result<serde_json::Val
     Ok(config)
 }
 
+/// The report's `parameters`: the settings as they ran on a model of `n` layers.
+fn parameters(s: &LacoSettings, n: usize, sentences: Option<usize>) -> serde_json::Value {
+    let mut p = serde_json::json!({
+        "merge_layers": s.merge_layers, "lowest_layer": s.lowest_layer, "highest_layer": s.highest(n),
+        "interval": s.interval, "threshold": s.threshold, "max_compression": s.max_compression,
+        "merge_mode": s.merge_mode,
+        "calibration": s.calibration.as_ref().map_or(BUNDLED_CALIBRATION.to_string(), |p| p.display().to_string()),
+        "calibration_tokens": s.calibration_tokens,
+    });
+    if let Some(n) = sentences {
+        p["calibration_sentences"] = n.into();
+    }
+    p
+}
+
+/// Checks that the pruned model in `dir` was pruned from `model` with `settings` (per its
+/// laco_report.json), so that a run may reuse it; the error names the first difference.
+pub fn check_pruned(dir: &Path, model: &Path, settings: &LacoSettings) -> Result<()> {
+    let path = dir.join(REPORT);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: cannot read (is {} a LaCo prune?)",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let report: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let n = report["original_layers"].as_u64().unwrap_or_default() as usize;
+    let mut saved = report["parameters"].clone();
+    if let Some(p) = saved.as_object_mut() {
+        p.remove("calibration_sentences");
+    }
+    let source = report["source"]
+        .as_str()
+        .map(|s| absolute(Path::new(s)))
+        .transpose()?;
+    let saved = serde_json::json!({ "source": source, "laco": saved });
+    let now =
+        serde_json::json!({ "source": absolute(model)?, "laco": parameters(settings, n, None) });
+    if let Some(field) = first_difference(&saved, &now, ("pruned", "now")) {
+        bail!(
+            "{}: pruned with other settings than this run's: {field}; run with --force to prune again",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn report(
     model: &Path,
@@ -147,13 +202,7 @@ fn report(
         "task": "prune",
         "source": model.display().to_string(),
         "out": out.display().to_string(),
-        "parameters": {
-            "merge_layers": s.merge_layers, "lowest_layer": s.lowest_layer, "highest_layer": s.highest(n),
-            "interval": s.interval, "threshold": s.threshold, "max_compression": s.max_compression,
-            "merge_mode": s.merge_mode,
-            "calibration": s.calibration.as_ref().map_or(BUNDLED_CALIBRATION.to_string(), |p| p.display().to_string()),
-            "calibration_sentences": sentences, "calibration_tokens": s.calibration_tokens,
-        },
+        "parameters": parameters(s, n, Some(sentences)),
         "original_layers": n,
         "final_layers": origin.len(),
         "layers_kept": origin,
@@ -172,21 +221,21 @@ fn report(
 
 /// The calibration sentences of `settings` (one per non-empty line), or the bundled ones.
 pub fn calibration_lines(settings: &LacoSettings) -> Result<Vec<String>> {
-    let path = settings
-        .calibration
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(BUNDLED_CALIBRATION));
-    let lines: Vec<String> = crate::data::read_text(&path)?
+    let (text, name) = match &settings.calibration {
+        Some(path) => (crate::data::read_text(path)?, path.display().to_string()),
+        None => (
+            BUNDLED_CALIBRATION_TEXT.to_string(),
+            BUNDLED_CALIBRATION.into(),
+        ),
+    };
+    let lines: Vec<String> = text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .map(String::from)
         .collect();
     if lines.is_empty() {
-        bail!(
-            "{}: no calibration sentences (one per line expected)",
-            path.display()
-        );
+        bail!("{name}: no calibration sentences (one per line expected)");
     }
     Ok(lines)
 }

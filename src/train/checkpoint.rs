@@ -14,6 +14,7 @@ use crate::data::mixture::Cursor;
 use crate::hf::peft::{self, Part};
 use crate::hf::weights::{write_safetensors, Weight, WeightReader};
 use crate::model::{lora::save_adapter, lora::LoraSettings, CausalLm};
+use crate::util::check::first_difference;
 use crate::util::{write_dir_atomically, write_file_atomically};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::{Param, ParamId};
@@ -34,7 +35,7 @@ pub struct State {
     pub tokens: usize,
     pub final_loss: f64,
     pub data: Cursor,
-    /// What a resumed run must share with this one (see [`differing_field`]).
+    /// What a resumed run must share with this one (see [`fingerprint`]).
     pub fingerprint: serde_json::Value,
     /// Teacher and pruned-student evaluations made before step 1.
     pub baseline: Baseline,
@@ -173,7 +174,7 @@ pub fn load_matching(dir: &Path, fingerprint: &serde_json::Value) -> Result<Stat
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let state: State =
         serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    if let Some(field) = differing_field(&state.fingerprint, fingerprint, "") {
+    if let Some(field) = first_difference(&state.fingerprint, fingerprint, ("checkpoint", "now")) {
         bail!(
             "--resume {}: the config differs from the checkpoint's in {field}",
             dir.display()
@@ -212,35 +213,4 @@ pub fn restore<B: AutodiffBackend>(
         }
     }
     Ok(records)
-}
-
-/// The first setting (as a dotted path) whose value differs between a checkpoint's fingerprint
-/// and this run's, with both values.
-fn differing_field(
-    saved: &serde_json::Value,
-    now: &serde_json::Value,
-    path: &str,
-) -> Option<String> {
-    use serde_json::Value;
-    match (saved, now) {
-        (Value::Object(a), Value::Object(b)) => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            keys.into_iter().find_map(|k| {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                differing_field(
-                    a.get(k).unwrap_or(&Value::Null),
-                    b.get(k).unwrap_or(&Value::Null),
-                    &p,
-                )
-            })
-        }
-        _ if saved == now => None,
-        _ => Some(format!("{path} (checkpoint: {saved}, now: {now})")),
-    }
 }

@@ -4,9 +4,12 @@
 
 use super::loss::KdLoss;
 use crate::data::DataConfig;
+use crate::hf::hub;
 use crate::model::lora::LoraSettings;
 use crate::prune::LacoSettings;
-use anyhow::{anyhow, bail, Context, Result};
+use crate::util::check;
+use crate::util::fs::absolute;
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -129,28 +132,45 @@ fn d_mmlu_shots() -> usize {
 impl DistillConfig {
     /// `path`, or the embedded tiny config when `None`.
     pub fn load(path: Option<&Path>) -> Result<Self> {
-        let (text, origin, dir) = match path {
-            Some(p) => (
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("{}: cannot read", p.display()))?,
-                p.display().to_string(),
-                p.parent().map(Path::to_path_buf).unwrap_or_default(),
+        let (text, origin, dir) =
+            match path {
+                Some(p) => (
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("{}: cannot read", p.display()))?,
+                    p.display().to_string(),
+                    absolute(
+                        p.parent()
+                            .filter(|d| !d.as_os_str().is_empty())
+                            .unwrap_or(Path::new(".")),
+                    )?,
+                ),
+                None if Path::new(EMBEDDED_TINY_DIR).is_dir() => (
+                    EMBEDDED_TINY.to_string(),
+                    "configs/tiny.toml (embedded)".into(),
+                    PathBuf::from(EMBEDDED_TINY_DIR),
+                ),
+                None => bail!(
+                "--config: not given, and the embedded configs/tiny.toml names the bundled tiny \
+                 model and data in the source tree this binary was built from ({}), which is not \
+                 there; pass --config FILE",
+                Path::new(EMBEDDED_TINY_DIR).parent().unwrap_or(Path::new("/")).display()
             ),
-            None => (
-                EMBEDDED_TINY.to_string(),
-                "configs/tiny.toml (embedded)".into(),
-                PathBuf::from(EMBEDDED_TINY_DIR),
-            ),
-        };
-        let mut cfg: Self =
-            toml::from_str(&text).map_err(|e| anyhow!("{origin}: {}", e.message()))?;
+            };
+        let mut cfg: Self = check::parse_toml(&text, &origin)?;
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
         };
-        abs(&mut cfg.model.base);
-        cfg.data.files.iter_mut().for_each(abs);
+        // Models and data files may also be Hugging Face ids, found in the local cache when the
+        // job resolves them ([`DistillConfig::resolve_hub_ids`]).
+        let local = |p: &mut PathBuf| {
+            if !hub::names_repo(p) || dir.join(&*p).exists() {
+                abs(p);
+            }
+        };
+        local(&mut cfg.model.base);
+        cfg.data.files.iter_mut().for_each(local);
         abs(&mut cfg.output.eval_text);
         abs(&mut cfg.output.run_dir);
         if let Some(m) = cfg.output.mmlu_data.as_mut() {
@@ -163,27 +183,49 @@ impl DistillConfig {
         Ok(cfg)
     }
 
+    /// Resolves `model.base` and `data.files` given as Hugging Face ids to their directory and
+    /// files in the local Hugging Face cache (see [`hub`]); `origin` names the config in errors.
+    pub fn resolve_hub_ids(&mut self, origin: &str) -> Result<()> {
+        let base = self.model.base.clone();
+        self.model.base = absolute(&hub::model_dir(
+            &base,
+            &base,
+            None,
+            &format!("{origin}: model.base"),
+        )?)?;
+        self.data.resolve(Path::new("."), origin)
+    }
+
+    /// Checks every numeric setting for range and finiteness, and the LoRA targets; `origin`
+    /// names where the settings came from. The `[laco]` table is checked against the base
+    /// model's layer count where the model is known ([`LacoSettings::validate`]).
     pub fn validate(&self, origin: &str) -> Result<()> {
+        let at = |field: &str| format!("{origin}: {field}");
         self.data.validate(origin)?;
         let o = &self.optim;
-        if o.batch_size == 0 || o.grad_accum == 0 || o.max_steps == 0 {
-            bail!("{origin}: optim.batch_size, optim.grad_accum and optim.max_steps must be at least 1");
+        check::positive(&at("optim.lr"), o.lr)?;
+        check::within(&at("optim.betas[0]"), o.betas.0, 0.0, 1.0, true)?;
+        check::within(&at("optim.betas[1]"), o.betas.1, 0.0, 1.0, true)?;
+        check::positive(&at("optim.eps"), o.eps)?;
+        check::non_negative(&at("optim.weight_decay"), o.weight_decay)?;
+        check::within(&at("optim.min_lr_ratio"), o.min_lr_ratio, 0.0, 1.0, false)?;
+        check::non_negative(&at("optim.grad_clip"), o.grad_clip)?;
+        check::at_least(&at("optim.batch_size"), o.batch_size, 1)?;
+        check::at_least(&at("optim.grad_accum"), o.grad_accum, 1)?;
+        check::at_least(&at("optim.max_steps"), o.max_steps, 1)?;
+        if let Some(e) = o.epochs {
+            check::positive(&at("optim.epochs"), e)?;
         }
-        if o.epochs.is_some_and(|e| e.is_nan() || e <= 0.0) {
-            bail!("{origin}: optim.epochs must be positive");
-        }
-        if o.lr.is_nan() || o.lr <= 0.0 {
-            bail!("{origin}: optim.lr must be positive");
-        }
-        if self.lora.r == 0 || !(0.0..1.0).contains(&self.lora.dropout) {
-            bail!("{origin}: lora.r must be at least 1 and lora.dropout in [0, 1)");
-        }
-        if self.loss.temperature.is_nan()
-            || self.loss.temperature <= 0.0
-            || !(0.0..=1.0).contains(&self.loss.alpha)
-        {
-            bail!("{origin}: loss.temperature must be positive and loss.alpha in [0, 1]");
-        }
+        let l = &self.lora;
+        check::at_least(&at("lora.r"), l.r, 1)?;
+        check::positive(&at("lora.alpha"), l.alpha)?;
+        check::within(&at("lora.dropout"), l.dropout, 0.0, 1.0, true)?;
+        l.check_targets(&at("lora.target_modules"))?;
+        check::positive(&at("loss.temperature"), self.loss.temperature)?;
+        check::within(&at("loss.alpha"), self.loss.alpha, 0.0, 1.0, false)?;
+        check::at_least(&at("loss.top_k"), self.loss.top_k, 1)?;
+        check::at_least(&at("output.eval_tokens"), self.output.eval_tokens, 2)?;
+        check::at_least(&at("checkpoint.keep"), self.checkpoint.keep, 1)?;
         Ok(())
     }
 

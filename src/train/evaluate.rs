@@ -7,7 +7,7 @@ use crate::eval::mmlu::{self, Report};
 use crate::eval::ppl::perplexity;
 use crate::hf::Tokenizer;
 use crate::model::{CausalLm, Rope};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
@@ -49,6 +49,13 @@ impl HeldOut {
         let text = crate::data::read_text(&out.eval_text)?;
         let mut ids = tokenizer.encode(&text)?;
         ids.truncate(out.eval_tokens);
+        if ids.len() < 2 {
+            bail!(
+                "{}: {} tokens (output.eval_text); perplexity needs at least 2",
+                out.eval_text.display(),
+                ids.len()
+            );
+        }
         let questions = if out.mmlu_limit == 0 {
             Vec::new()
         } else {

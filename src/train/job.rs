@@ -3,17 +3,22 @@
 //! checkpoint and a clean stop, the recipe on burn's autodiff, RUN_DIR/summary.json.
 
 use super::config::DistillConfig;
+use super::metrics::METRICS;
 use super::recipe::{distill, Outcome, Run};
 use crate::device::Job;
-use crate::prune::{calibration_lines, prune_into};
-use anyhow::Result;
+use crate::prune::{calibration_lines, check_pruned, prune_into};
+use crate::util::{refuse_overlap, remove_leftovers, start_over, write_file_atomically};
+use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::flag;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+
+/// Where a run keeps the student it pruned.
+const STUDENT: &str = "student";
 
 pub struct DistillJob {
     pub cfg: DistillConfig,
@@ -26,15 +31,66 @@ pub struct DistillJob {
     pub resume: Option<PathBuf>,
 }
 
+impl DistillJob {
+    /// Checks RUN_DIR before any model loads: it must not be or contain a model the run reads;
+    /// a run already in it is continued only with `resume` and replaced only with `force`
+    /// (atomically, keeping a pruned student that matches this run's base and `[laco]`
+    /// settings). Temporary directories of killed runs beside it are removed.
+    pub fn prepare(&self, force: bool) -> Result<()> {
+        let mut sources = vec![
+            ("base model", self.cfg.model.base.as_path()),
+            ("teacher", self.teacher.as_path()),
+        ];
+        if let Some(s) = &self.student {
+            sources.push(("student", s));
+        }
+        refuse_overlap("the run directory", &self.run_dir, &sources)?;
+        remove_leftovers(&self.run_dir)?;
+        let Some(existing) = existing_run(&self.run_dir) else {
+            return Ok(());
+        };
+        if self.resume.is_some() {
+            return Ok(());
+        }
+        if !force {
+            bail!(
+                "{}: already holds a run ({existing}); continue it with --resume, or replace it with --force",
+                self.run_dir.display()
+            );
+        }
+        let student = self.run_dir.join(STUDENT);
+        let reusable = self.student.is_none()
+            && check_pruned(&student, &self.cfg.model.base, &self.cfg.laco).is_ok();
+        let keep: &[&str] = if reusable { &[STUDENT] } else { &[] };
+        start_over(&self.run_dir, keep)?;
+        eprintln!("replaced the run in {} (--force)", self.run_dir.display());
+        Ok(())
+    }
+}
+
+/// What shows that `dir` holds a run: its latest checkpoint, adapter or metrics.
+fn existing_run(dir: &Path) -> Option<String> {
+    let latest = dir.join("checkpoints").join("latest");
+    if let Ok(name) = std::fs::read_to_string(&latest) {
+        return Some(format!("checkpoint {}", name.trim()));
+    }
+    ["adapter", METRICS]
+        .into_iter()
+        .find(|name| dir.join(name).exists())
+        .map(String::from)
+}
+
 impl Job for DistillJob {
     type Output = Outcome;
     fn run<B: Backend>(self, device: B::Device) -> Result<Outcome> {
-        std::fs::create_dir_all(&self.run_dir)?;
+        std::fs::create_dir_all(&self.run_dir)
+            .with_context(|| format!("{}: cannot create", self.run_dir.display()))?;
         let student = match self.student {
             Some(dir) => dir,
             None => {
-                let dir = self.run_dir.join("student");
+                let dir = self.run_dir.join(STUDENT);
                 if dir.join("config.json").exists() {
+                    check_pruned(&dir, &self.cfg.model.base, &self.cfg.laco)?;
                     eprintln!("reusing the pruned student in {}", dir.display());
                 } else {
                     let calibration = calibration_lines(&self.cfg.laco)?;
@@ -65,10 +121,8 @@ impl Job for DistillJob {
         };
         let outcome = distill::<Autodiff<B>>(&self.cfg, &run, &device)?;
         if let Outcome::Finished(summary) = &outcome {
-            std::fs::write(
-                self.run_dir.join("summary.json"),
-                serde_json::to_string_pretty(summary)? + "\n",
-            )?;
+            let text = serde_json::to_string_pretty(summary)? + "\n";
+            write_file_atomically(&self.run_dir.join("summary.json"), text.as_bytes())?;
         }
         Ok(outcome)
     }

@@ -6,6 +6,7 @@
 //! crc`); records are copied unchanged, so their checksums stay valid.
 
 use crate::eval::mmlu::Report;
+use crate::util::fs::check_writable;
 use crate::util::write_file_atomically;
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -41,6 +42,10 @@ impl Metrics {
     }
 
     fn open(run_dir: &Path) -> Result<Self> {
+        // tensorboard-rs panics on a directory it cannot write: check it first.
+        let tb = tb_dir(run_dir);
+        std::fs::create_dir_all(&tb).with_context(|| format!("{}: cannot create", tb.display()))?;
+        check_writable(&tb.join(".write-check"), "TensorBoard directory")?;
         let path = run_dir.join(METRICS);
         let jsonl = std::fs::OpenOptions::new()
             .append(true)
@@ -48,7 +53,7 @@ impl Metrics {
             .with_context(|| format!("{}: cannot open", path.display()))?;
         Ok(Self {
             jsonl,
-            tb: SummaryWriter::new(tb_dir(run_dir)),
+            tb: SummaryWriter::new(tb),
         })
     }
 

@@ -17,7 +17,8 @@ use crate::data::mixture::Mixture;
 use crate::eval::mmlu::Report;
 use crate::model::lora::{attach_new, save_adapter};
 use crate::model::{CausalLm, Pretrained, Rope};
-use crate::util::{progress_bar, write_dir_atomically};
+use crate::util::check::first_difference;
+use crate::util::{progress_bar, write_dir_atomically, write_file_atomically};
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
@@ -112,12 +113,17 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         // 1. Models. The teacher runs on the inner backend: no graph, no gradients.
         let teacher = Pretrained::<B::InnerBackend>::load(&run.teacher, device)?;
         let student = Pretrained::<B>::load(&run.student, device)?;
-        if teacher.config.vocab_size != student.config.vocab_size
-            || teacher.tokenizer.vocab_size() != student.tokenizer.vocab_size()
-        {
+        let (t, s) = (teacher.tokenizer.content()?, student.tokenizer.content()?);
+        let differs = first_difference(&t, &s, ("teacher", "student"))
+            .map(|d| format!("tokenizer.json {d}"))
+            .or_else(|| {
+                let (tv, sv) = (teacher.config.vocab_size, student.config.vocab_size);
+                (tv != sv).then(|| format!("config.json vocab_size (teacher: {tv}, student: {sv})"))
+            });
+        if let Some(what) = differs {
             bail!(
-                "{} and {}: teacher and student must share a tokenizer and vocabulary (vocab_size {} vs {})",
-                run.teacher.display(), run.student.display(), teacher.config.vocab_size, student.config.vocab_size
+                "{} and {}: teacher and student must share a tokenizer and vocabulary; they differ in {what}",
+                run.teacher.display(), run.student.display()
             );
         }
         // 2. The checkpoint to resume, which must match the config and models.
@@ -216,6 +222,10 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 .collect();
             let (mut grads, [loss, kd, ce], tokens) = self.accumulate(&micro);
             let grad_norm = clip_global_norm(&self.lm, &mut grads, o.grad_clip);
+            if !(loss.is_finite() && grad_norm.is_finite()) {
+                self.bar.finish_and_clear();
+                bail!(self.diverged(loss, grad_norm));
+            }
             self.lm = self.optim.step(lr, self.lm.clone(), grads);
             self.step += 1;
             self.tokens += tokens;
@@ -243,6 +253,20 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             }
         }
         Ok(None)
+    }
+
+    /// The error of a step whose loss or gradient norm is not finite: nothing of it is written.
+    fn diverged(&self, loss: f64, grad_norm: f64) -> String {
+        let last = match &self.saved_at {
+            Some(dir) => format!("the last checkpoint, {}, is finite", dir.display()),
+            None => "no checkpoint was written".into(),
+        };
+        format!(
+            "step {}: loss {loss}, gradient norm {grad_norm}: training diverged and stopped \
+             before the optimiser step; {last} (lower optim.lr or optim.grad_clip, then --resume \
+             or --force)",
+            self.step + 1
+        )
     }
 
     /// Every micro-batch's loss step and backward pass, accumulated: the step's gradients, its
@@ -360,10 +384,8 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 "teacher": mmlu_teacher, "pruned": mmlu_student, "recovered": mmlu_recovered,
             })),
         });
-        std::fs::write(
-            run_dir.join("eval.json"),
-            serde_json::to_string_pretty(&eval)? + "\n",
-        )?;
+        let text = serde_json::to_string_pretty(&eval)? + "\n";
+        write_file_atomically(&run_dir.join("eval.json"), text.as_bytes())?;
         let adapter = run_dir.join("adapter");
         write_dir_atomically(&adapter, |tmp| {
             save_adapter(&self.lm, &cfg.lora, &self.run.student, tmp)

@@ -137,14 +137,32 @@ fn shortened_distill_recovers_perplexity_and_writes_a_peft_adapter() {
     assert_eq!(mmlu["teacher"]["acc"], direct["acc"]);
     assert_eq!(s["mmlu_teacher"], direct["acc"]);
 
-    // A second run reuses the pruned student.
-    let again = laco_command()
+    // A second run into the same directory is refused; with --force it replaces the run and
+    // reuses the pruned student (same base, same [laco] settings).
+    let refused = laco_command()
         .args(["distill", "--max-steps", "1", "--out"])
         .arg(&run)
         .output()
         .unwrap();
-    assert!(again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("reusing the pruned student"));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("already holds a run") && err.contains("--force"),
+        "{err}"
+    );
+    let again = laco_command()
+        .args(["distill", "--max-steps", "1", "--force", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(err.contains("reusing the pruned student"), "{err}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        1,
+        "the replaced run's metrics are gone"
+    );
 }
 
 #[test]

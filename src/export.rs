@@ -1,0 +1,62 @@
+//! The export job: a PEFT LoRA adapter merged into the model it was trained on, written as a
+//! plain Hugging Face directory (whole or not at all) that transformers loads without PEFT.
+
+use crate::hf::config::read_config;
+use crate::hf::model_dir::save_pretrained;
+use crate::hf::peft::ADAPTER_CONFIG;
+use crate::model::lora::{load_adapter, merge_adapters};
+use crate::model::Pretrained;
+use crate::util::write_dir_atomically;
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use safetensors::Dtype;
+use std::path::Path;
+
+/// What an export wrote.
+pub struct Exported {
+    /// Projections merged.
+    pub merged: usize,
+    /// The written weights' dtype.
+    pub dtype: Dtype,
+    pub seconds: f64,
+}
+
+/// Merges `adapter` into `model` and writes the result to `out` (replaced if it exists) in
+/// `dtype` (default: the model's storage dtype).
+pub fn export_into<B: Backend>(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: Option<Dtype>,
+    device: &B::Device,
+) -> Result<Exported> {
+    let started = std::time::Instant::now();
+    let mut pre = Pretrained::<B>::load(model, device)?;
+    load_adapter(&mut pre.lm, adapter, device)?;
+    let merged = merge_adapters(&mut pre.lm);
+    if merged == 0 {
+        bail!(
+            "{}: target_modules names no projection of {}",
+            adapter.join(ADAPTER_CONFIG).display(),
+            model.display()
+        );
+    }
+    let dtype = dtype.unwrap_or(pre.storage.dtype);
+    let config = read_config(model)?;
+    write_dir_atomically(out, |tmp| {
+        save_pretrained(
+            &pre.lm.weights(),
+            &config,
+            model,
+            tmp,
+            dtype,
+            pre.storage.shards,
+        )
+    })
+    .with_context(|| format!("{}: cannot write the merged model", out.display()))?;
+    Ok(Exported {
+        merged,
+        dtype,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
