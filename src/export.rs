@@ -4,7 +4,7 @@
 use crate::hf::config::read_config;
 use crate::hf::model_dir::save_pretrained;
 use crate::hf::peft::ADAPTER_CONFIG;
-use crate::model::lora::{load_adapter, merge_adapters};
+use crate::model::adapter::{load_adapter, merge_adapters};
 use crate::model::Pretrained;
 use crate::util::write_dir_atomically;
 use anyhow::{bail, Context, Result};

@@ -20,6 +20,10 @@ pub struct BenchArgs {
     /// Distill config (see configs/); default: the embedded configs/tiny.toml.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// `base` (the config's unpruned base model), a model directory or a Hugging Face id in
+    /// the local cache.
+    #[arg(long, default_value = "base")]
+    pub teacher: String,
     /// The pruned student; default: prune the config's base model first.
     #[arg(long)]
     pub student: Option<PathBuf>,
@@ -52,7 +56,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| scratch.clone());
     let distill = DistillArgs {
         config: args.config.clone(),
-        teacher: "base".into(),
+        teacher: args.teacher.clone(),
         student: args.student.clone(),
         out: Some(out),
         max_steps: Some(args.steps),

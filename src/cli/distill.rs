@@ -122,7 +122,7 @@ pub(super) fn job(args: DistillArgs) -> Result<DistillJob> {
         .as_deref()
         .map(|s| model(s, "--student"))
         .transpose()?;
-    for (what, dir) in [("teacher", &teacher), ("base model", &cfg.model.base)] {
+    for (what, dir) in [("model.base", &cfg.model.base), ("teacher", &teacher)] {
         if !dir.join("config.json").exists() {
             bail!("{}: not a model directory ({what})", dir.display());
         }

@@ -93,7 +93,7 @@ impl ModelArgs {
         let mut pre = crate::model::Pretrained::<B>::load(&dir, device)?;
         if let Some(adapter) = &self.adapter {
             let dir = resolve_model(adapter, None, "--adapter")?;
-            crate::model::lora::load_adapter(&mut pre.lm, &dir, device)?;
+            crate::model::adapter::load_adapter(&mut pre.lm, &dir, device)?;
         }
         Ok(pre)
     }

@@ -3,6 +3,7 @@
 //! decoder stack, attention, MLP, norm, rotary embedding, projections with LoRA adapters, KV
 //! cache, logit chunking, generation.
 
+pub mod adapter;
 pub mod attention;
 pub mod cache;
 pub mod chunk;

@@ -5,7 +5,7 @@
 use super::loss::KdLoss;
 use crate::data::DataConfig;
 use crate::hf::hub;
-use crate::model::lora::LoraSettings;
+use crate::model::adapter::LoraSettings;
 use crate::prune::LacoSettings;
 use crate::util::check;
 use crate::util::fs::absolute;

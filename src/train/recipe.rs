@@ -15,7 +15,7 @@ use super::optim::{adamw, clip_global_norm, lr_at, throughput, Optim};
 use crate::data::batch::Batch;
 use crate::data::mixture::Mixture;
 use crate::eval::mmlu::Report;
-use crate::model::lora::{attach_new, save_adapter};
+use crate::model::adapter::{attach_new, save_adapter};
 use crate::model::{CausalLm, Pretrained, Rope};
 use crate::util::check::first_difference;
 use crate::util::{progress_bar, write_dir_atomically, write_file_atomically};

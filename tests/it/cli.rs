@@ -1,8 +1,7 @@
 //! The binary end to end: `eval --task ppl` against transformers' golden, and one clear error
 //! line (file, tensor, shapes) for every kind of bad checkpoint.
 
-use crate::common::{fixture, json_line, laco};
-use safetensors::{tensor::TensorView, SafeTensors};
+use crate::common::{edited_model, fixture, json_line, laco};
 use std::path::{Path, PathBuf};
 
 #[test]
@@ -63,33 +62,6 @@ fn generate_streams_the_greedy_continuation() {
     );
 }
 
-/// A copy of the tiny model in a temporary directory, its weights rewritten by `edit`.
-fn broken_model(edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<u8>)>)) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(fixture("tiny-qwen3").join(f), dir.path().join(f)).unwrap();
-    }
-    let bytes = std::fs::read(fixture("tiny-qwen3/model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    edit(&mut tensors);
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, s, d)| {
-            (
-                n.clone(),
-                TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
-    dir
-}
-
 /// Runs generate on `dir` and returns its stderr, checking the failure is one clean line.
 fn error_of(dir: &Path) -> String {
     let out = laco(&[
@@ -114,7 +86,7 @@ fn error_of(dir: &Path) -> String {
 
 #[test]
 fn missing_tensor_is_named() {
-    let dir = broken_model(|t| t.retain(|(n, _, _)| n != "model.layers.3.mlp.up_proj.weight"));
+    let dir = edited_model(|t| t.retain(|(n, _, _)| n != "model.layers.3.mlp.up_proj.weight"));
     let err = error_of(dir.path());
     assert!(err.contains("model.safetensors"), "{err}");
     assert!(
@@ -126,7 +98,7 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn extra_tensor_is_named() {
-    let dir = broken_model(|t| {
+    let dir = edited_model(|t| {
         t.push((
             "model.layers.0.mlp.extra.weight".into(),
             vec![2],
@@ -143,7 +115,7 @@ fn extra_tensor_is_named() {
 
 #[test]
 fn wrong_shape_names_expected_and_found() {
-    let dir = broken_model(|t| {
+    let dir = edited_model(|t| {
         let norm = t
             .iter_mut()
             .find(|(n, _, _)| n == "model.norm.weight")
@@ -161,7 +133,7 @@ fn wrong_shape_names_expected_and_found() {
 
 #[test]
 fn unknown_model_type_is_refused() {
-    let dir = broken_model(|_| {});
+    let dir = edited_model(|_| {});
     let cfg = dir.path().join("config.json");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -176,7 +148,7 @@ fn unknown_model_type_is_refused() {
 
 #[test]
 fn truncated_and_foreign_files_are_refused() {
-    let dir = broken_model(|_| {});
+    let dir = edited_model(|_| {});
     let file = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();

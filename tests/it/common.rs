@@ -1,7 +1,7 @@
 //! Shared test helpers: golden files, the bundled fixtures, tolerances, and running the binary.
 
 use burn::tensor::{Int, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -111,4 +111,33 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// A copy of the tiny model in a temporary directory, its weights rewritten by `edit`.
+pub fn edited_model(
+    edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<u8>)>),
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny-qwen3").join(f), dir.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(fixture("tiny-qwen3/model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    dir
 }

@@ -2,7 +2,7 @@
 //! student, trains LoRA adapters, lowers held-out perplexity and writes a PEFT adapter.
 
 use crate::common::*;
-use laco_train::model::{lora::load_adapter, Pretrained};
+use laco_train::model::{adapter::load_adapter, Pretrained};
 use safetensors::SafeTensors;
 
 #[test]

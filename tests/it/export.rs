@@ -5,7 +5,7 @@
 use crate::common::*;
 use laco_train::hf::WeightReader;
 use laco_train::model::{
-    lora::{load_adapter, merge_adapters},
+    adapter::{load_adapter, merge_adapters},
     Pretrained,
 };
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! PEFT adapters load into laco-train and change the logits exactly as PEFT does.
 
 use crate::common::*;
-use laco_train::model::{lora::load_adapter, Pretrained};
+use laco_train::model::{adapter::load_adapter, Pretrained};
 
 #[test]
 fn peft_adapter_matches_peft_logits() {

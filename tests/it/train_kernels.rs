@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use laco_train::data::batch::{Batch, Sequence, IGNORE};
 use laco_train::kernels;
-use laco_train::model::{lora::load_adapter, Pretrained};
+use laco_train::model::{adapter::load_adapter, Pretrained};
 use laco_train::train::loss::{loss_step, Divergence, KdLoss};
 
 type A = Autodiff<B>;
