@@ -835,3 +835,56 @@ fn models_and_datasets_load_by_hugging_face_id_from_the_cache() {
     let r = json_line(&out);
     assert!(r["tokens_per_sec"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn a_run_resumes_from_another_working_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        tmp.path(),
+        "short.toml",
+        &[
+            ("mmlu_limit = 1", "mmlu_limit = 0"),
+            ("eval_tokens = 4096", "eval_tokens = 256"),
+        ],
+    );
+    let here = tmp.path().join("here");
+    std::fs::create_dir_all(&here).unwrap();
+    // Started with a relative run directory from one place...
+    let first = laco_command()
+        .args([
+            "distill",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--out",
+            "run",
+        ])
+        .current_dir(&here)
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    // ... resumed with its absolute path from another.
+    let run = here.join("run");
+    let again = laco_command()
+        .args([
+            "distill",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--resume",
+            "--out",
+        ])
+        .arg(&run)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(err.contains("step 2"), "{err}");
+}
