@@ -159,6 +159,9 @@ pub fn fingerprint(
     let mut optim = serde_json::to_value(&cfg.optim)?;
     optim["max_steps"] = serde_json::Value::Null;
     optim["epochs"] = serde_json::Value::Null;
+    if let Some(o) = optim.as_object_mut() {
+        o.remove("activation_checkpointing");
+    }
     Ok(serde_json::json!({
         "teacher": teacher, "student": student, "model": cfg.model, "laco": cfg.laco,
         "data": cfg.data, "lora": cfg.lora, "loss": cfg.loss, "optim": optim,

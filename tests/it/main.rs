@@ -1,6 +1,8 @@
 //! The integration tests, one binary: parity with the goldens (transformers, PEFT, lm-eval),
 //! the CPU kernels against burn's generic ops, and the commands end to end.
 
+mod bf16;
+mod burn_attention;
 mod cli;
 mod common;
 mod data;
@@ -10,7 +12,10 @@ mod export;
 mod forward;
 mod kd;
 mod lora;
+mod parity;
 mod prune;
 mod resume;
 mod tokenizer;
 mod train_kernels;
+#[cfg(feature = "wgpu")]
+mod wgpu;
