@@ -19,11 +19,13 @@
 #
 # --dry-run runs every step on the CPU with a small model (hidden 64, the same 36 layers and
 # vocabulary), batch 2 x 128 and 3 steps, to test the script before GPU time is spent.
+# --checkpointing adds a second bench with optim.activation_checkpointing = true (its memory and
+# speed against the first; about two more minutes). --keep keeps the checkpoints under $OUT/work.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 HELPERS="$REPO/tools/gpu_check"
-BIN="" OUT="${OUT:-}" DEVICE="cuda:0" PY="python3" DRY=0 KEEP=0
+BIN="" OUT="${OUT:-}" DEVICE="cuda:0" PY="python3" DRY=0 KEEP=0 CKPT=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) BIN="$2"; shift 2 ;;
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
     --python) PY="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --keep) KEEP=1; shift ;;
+    --checkpointing) CKPT=1; shift ;;
     -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -96,6 +99,11 @@ sed -e "s|^base = .*|base = \"$MODEL\"|" \
     "$REPO/configs/distill-qwen3-8b.toml" > "$CONFIG"
 measure bench "$BIN" bench --config "$CONFIG" --student "$STUDENT" --steps "$STEPS" \
   --warmup "$WARMUP" --device "$DEVICE" --out "$WORK/bench-run" --json
+if [ "$CKPT" = 1 ]; then
+  sed -e "s|^grad_accum = 1|grad_accum = 1\nactivation_checkpointing = true|" "$CONFIG" > "$WORK/distill-ckpt.toml"
+  measure bench-checkpointing "$BIN" bench --config "$WORK/distill-ckpt.toml" --student "$STUDENT" \
+    --steps "$STEPS" --warmup "$WARMUP" --device "$DEVICE" --out "$WORK/bench-ckpt-run" --json
+fi
 
 # d. the same step in PyTorch + PEFT
 measure torch "$PY" "$HELPERS/torch_kd_step.py" --teacher "$MODEL" --student "$STUDENT" \

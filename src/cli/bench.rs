@@ -83,7 +83,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let peak_mb = peak_rss_mb();
     let steady = throughput(&summary.step_times[args.warmup..]);
-    let gpu = summary.gpu_memory;
+    let gpu = summary.gpu_memory.as_deref().copied();
     if let Some(m) = gpu {
         eprintln!(
             "GPU memory: {:.2} GB in use after the last step, peak {:.2} GB in use, {:.2} GB reserved",

@@ -171,7 +171,7 @@ fn classify(msg: &str) -> Option<&'static str> {
         || m.contains("out_of_memory")
         || m.contains("buffertoobig")
     {
-        Some("out of GPU memory; lower optim.batch_size or data.max_seq_len, or set optim.activation_checkpointing = true (see the memory plan printed at start-up)")
+        Some("out of GPU memory; lower optim.batch_size (raise optim.grad_accum to keep the effective batch) or data.max_seq_len (see the memory plan printed at start-up)")
     } else if m.contains("cuda installation not found") {
         Some("the CUDA headers were not found: set CUDA_PATH to the CUDA toolkit")
     } else if m.contains("nvrtc") && m.contains("unable to dynamically load") {
@@ -271,7 +271,10 @@ pub(super) fn cuda_preflight(n: usize) -> Result<DeviceInfo> {
         .map_err(|e| anyhow!("{dev}: cannot count the CUDA devices ({e:?})"))?
         .max(0) as usize;
     if n >= count {
-        bail!("{dev}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{})", count.max(1) - 1);
+        bail!(
+            "{dev}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{})",
+            count.max(1) - 1
+        );
     }
     // SAFETY: only tries to load the library.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
@@ -316,16 +319,27 @@ pub(super) fn wgpu_preflight(device: &burn::backend::wgpu::WgpuDevice) -> Result
     install_panic_hook();
     RECORDING.store(true, Ordering::SeqCst);
     let client = catch_unwind(|| WgpuRuntime::client(device));
-    RECORDING.store(false, Ordering::SeqCst);
     if client.is_err() {
-        let msg = PANICS
-            .lock()
-            .ok()
-            .and_then(|p| p.last().cloned())
-            .unwrap_or_default();
+        // This thread sees only the closed channel (RecvError); the cause is the device
+        // thread's panic, which may be recorded a moment later.
+        let cause = || {
+            PANICS
+                .lock()
+                .ok()
+                .and_then(|p| p.iter().find(|m| !m.contains("RecvError")).cloned())
+        };
+        for _ in 0..20 {
+            if cause().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        RECORDING.store(false, Ordering::SeqCst);
+        let msg = cause().unwrap_or_default();
         let first = msg.lines().next().unwrap_or("no adapter");
         anyhow::bail!("--device wgpu: no GPU adapter could be opened ({first}); on Linux install a Vulkan driver (Debian: mesa-vulkan-drivers libvulkan1)");
     }
+    RECORDING.store(false, Ordering::SeqCst);
     Ok(DeviceInfo {
         name: "wgpu".into(),
         total_bytes: None,
@@ -355,7 +369,11 @@ mod tests {
         let e = explain(&info, oom).to_string();
         assert!(e.starts_with("cuda:0 (test): out of GPU memory"), "{e}");
         assert!(e.contains("4294967296") && !e.contains('\n'), "{e}");
-        let e = explain(&info, "\n        CUDA installation not found.\n        Please ensure").to_string();
+        let e = explain(
+            &info,
+            "\n        CUDA installation not found.\n        Please ensure",
+        )
+        .to_string();
         assert!(e.contains("CUDA_PATH") && !e.contains('\n'), "{e}");
         let e = explain(&info, "something else\nsecond line").to_string();
         assert_eq!(e, "cuda:0 (test): something else");

@@ -185,7 +185,11 @@ impl<B: Backend> Attention<B> {
         // 2. Rotate; fold the 1/sqrt(D) score scale into q (burn's attention scales by itself:
         //    a custom scale would keep it from its flash kernel).
         let burn_attention = matches!(mask, Mask::Burn { .. });
-        let scale = if burn_attention { 1.0 } else { 1.0 / (d as f64).sqrt() };
+        let scale = if burn_attention {
+            1.0
+        } else {
+            1.0 / (d as f64).sqrt()
+        };
         let q = rope.apply(q, &pos.q, scale);
         let k = rope.apply(k, &pos.k, 1.0);
 

@@ -50,9 +50,10 @@ pub struct Summary {
     /// (training tokens, seconds) of each step this process ran, for throughput after a warm-up.
     #[serde(skip)]
     pub step_times: Vec<(usize, f64)>,
-    /// GPU memory after the last step, with the peaks sampled over the steps (GPU runs only).
+    /// GPU memory after the last step, with the peaks sampled over the steps (GPU runs only;
+    /// boxed to keep [`Outcome`]'s variants of similar size).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_memory: Option<GpuMemory>,
+    pub gpu_memory: Option<Box<GpuMemory>>,
 }
 
 /// Where and how a run goes, beyond its config.
@@ -399,7 +400,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             mmlu_recovered: mmlu_acc(&mmlu_recovered),
             tokens_per_sec: throughput(&self.step_times),
             step_times: self.step_times,
-            gpu_memory: self.gpu_memory,
+            gpu_memory: self.gpu_memory.map(Box::new),
         })
     }
 }

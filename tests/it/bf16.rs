@@ -24,11 +24,15 @@ fn bf16_child() {
     set_default_dtypes::<B>(&device(), FloatDType::BF16, IntDType::I32).unwrap();
     let d = distances::<B>(&device());
     eprintln!("bf16 on the CPU: {d:?}");
-    // bf16 keeps 8 significant bits (relative rounding 2^-9): logits in [-11.4, 7.5] after 8
-    // layers are good to a few tenths, perplexity and losses to a percent.
-    assert!(d.logits <= 0.5 && d.padded <= 0.5, "{d:?}");
-    assert!(d.cached <= 0.5, "{d:?}");
-    assert!(d.ppl <= 0.01, "{d:?}");
-    assert!(d.mmlu <= 0.1, "{d:?}");
-    assert!(d.kd <= 0.05, "{d:?}");
+    // bf16 keeps 8 significant bits (relative rounding 2^-9). Measured here: logits 0.081 max
+    // abs (of values in [-11.4, 7.5]), ppl 2.8e-4 relative, MMLU log-likelihoods 0.014, the KD
+    // step's forward KL and CE 0.0017; greedy decoding departs from transformers' f32 tokens.
+    // The bounds are about three times those.
+    assert!(
+        d.logits <= 0.25 && d.padded <= 0.25 && d.cached <= 0.25,
+        "{d:?}"
+    );
+    assert!(d.ppl <= 1e-3, "{d:?}");
+    assert!(d.mmlu <= 0.05, "{d:?}");
+    assert!(d.kd <= 5e-3, "{d:?}");
 }
