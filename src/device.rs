@@ -1,7 +1,14 @@
-//! Picking the backend at run time: `--device cpu|cuda[:N]` and `--dtype`.
+//! Picking the backend at run time: `--device cpu|cuda[:N]|wgpu` and `--dtype`.
 //!
 //! The CPU backend is burn's Flex: measured against NdArray and Candle on the forward pass of
 //! SmolLM2-135M (see README, "Choosing the CPU backend"), it was the fastest, and it supports bf16.
+//! The GPU backends (`--features cuda`, `--features wgpu`) are burn's fused cubecl backends;
+//! [`gpu`] checks their requirements before the first tensor, points cubecl's autotune cache at
+//! a stable place, samples their memory and turns their failures into one-line errors.
+
+mod gpu;
+
+pub use gpu::{gpu_memory, step_done, GpuMemory};
 
 use anyhow::{anyhow, bail, Result};
 use burn::tensor::{backend::Backend, set_default_dtypes, DType};
@@ -9,13 +16,19 @@ use std::str::FromStr;
 
 /// The default CPU backend.
 pub type Cpu = burn::backend::Flex;
+/// burn's CUDA backend with fusion (see Cargo.toml's `cuda` feature).
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda;
+/// burn's wgpu backend (Vulkan, Metal) with fusion.
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
     Cpu,
     Cuda(usize),
+    /// wgpu's default adapter (`CUBECL_WGPU_DEFAULT_DEVICE` picks another).
+    Wgpu,
 }
 
 impl FromStr for DeviceChoice {
@@ -24,15 +37,26 @@ impl FromStr for DeviceChoice {
         match s {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(0)),
+            "wgpu" => Ok(Self::Wgpu),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => bail!("--device: \"{s}\" is not cpu, cuda or cuda:N"),
+                _ => bail!("--device: \"{s}\" is not cpu, cuda, cuda:N or wgpu"),
             },
         }
     }
 }
 
-/// Compute dtype: `auto` is f32 on CPU and bf16 on CUDA.
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Wgpu => write!(f, "wgpu"),
+        }
+    }
+}
+
+/// Compute dtype: `auto` is f32 on CPU and wgpu (which has no bf16) and bf16 on CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
     Auto,
@@ -44,7 +68,7 @@ pub enum Precision {
 impl Precision {
     fn resolve(self, device: DeviceChoice) -> DType {
         match (self, device) {
-            (Self::Auto, DeviceChoice::Cpu) | (Self::F32, _) => DType::F32,
+            (Self::Auto, DeviceChoice::Cpu | DeviceChoice::Wgpu) | (Self::F32, _) => DType::F32,
             (Self::Auto, DeviceChoice::Cuda(_)) | (Self::Bf16, _) => DType::BF16,
             (Self::F16, _) => DType::F16,
         }
@@ -57,16 +81,36 @@ pub trait Job {
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
-/// Runs `job` on the chosen device with `precision` as every new float tensor's dtype.
+/// Runs `job` on the chosen device with `precision` as every new float tensor's dtype. GPU jobs
+/// run on this thread (cubecl gives each thread its own stream and memory pool), after the
+/// device's pre-flight checks, with its failures turned into errors.
 pub fn dispatch<J: Job>(device: DeviceChoice, precision: Precision, job: J) -> Result<J::Output> {
     let dtype = precision.resolve(device);
     match device {
         DeviceChoice::Cpu => run_on::<Cpu, J>(Default::default(), dtype, job),
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(n) => run_on::<Gpu, J>(burn::backend::cuda::CudaDevice::new(n), dtype, job),
+        DeviceChoice::Cuda(n) => {
+            let info = gpu::cuda_preflight(n)?;
+            let dev = burn::backend::cuda::CudaDevice::new(n);
+            gpu::guarded(info, gpu::cuda_memory_probe(dev.clone()), || {
+                run_on::<Gpu, J>(dev, dtype, job)
+            })
+        }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => bail!(
             "--device cuda: this binary was built without CUDA; rebuild with `cargo build --release --features cuda`"
+        ),
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu => {
+            let dev = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+            let info = gpu::wgpu_preflight(&dev)?;
+            gpu::guarded(info, gpu::wgpu_memory_probe(dev.clone()), || {
+                run_on::<Wgpu, J>(dev, dtype, job)
+            })
+        }
+        #[cfg(not(feature = "wgpu"))]
+        DeviceChoice::Wgpu => bail!(
+            "--device wgpu: this binary was built without wgpu; rebuild with `cargo build --release --features wgpu`"
         ),
     }
 }
@@ -80,4 +124,18 @@ fn run_on<B: Backend, J: Job>(device: B::Device, dtype: DType, job: J) -> Result
     set_default_dtypes::<B>(&device, float, burn::tensor::IntDType::I32)
         .map_err(|e| anyhow!("--dtype {dtype:?} on {device:?}: {e:?}"))?;
     job.run::<B>(device)
+}
+
+/// The device a job runs on, as the pre-flight check found it (GPU jobs only).
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// e.g. `cuda:0 (NVIDIA H200)`.
+    pub name: String,
+    /// Device memory in bytes, where the backend tells.
+    pub total_bytes: Option<u64>,
+}
+
+/// The GPU the current thread's job runs on; `None` on the CPU.
+pub fn current_gpu() -> Option<DeviceInfo> {
+    gpu::current()
 }

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Run directory; default: a temporary one, removed afterwards.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Run burn's generic tensor ops instead of the CPU kernels: the code the GPU backends run,
+    /// to measure its memory (e.g. with and without optim.activation_checkpointing) on the CPU.
+    #[arg(long)]
+    pub generic_ops: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -72,13 +76,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let batch = (job.cfg.optim.batch_size, job.cfg.optim.grad_accum);
     let seq = job.cfg.data.max_seq_len;
     let started = std::time::Instant::now();
-    let outcome = dispatch(args.common.device, args.common.dtype, job);
+    let (device, dtype) = (args.common.device, args.common.dtype);
+    let outcome = if args.generic_ops {
+        crate::kernels::with_generic_ops(|| dispatch(device, dtype, job))
+    } else {
+        dispatch(device, dtype, job)
+    };
     let _ = std::fs::remove_dir_all(&scratch);
     let Outcome::Finished(summary) = outcome? else {
         bail!("the benchmark was interrupted");
     };
     let peak_mb = peak_rss_mb();
     let steady = throughput(&summary.step_times[args.warmup..]);
+    let gpu = summary.gpu_memory.as_deref().copied();
+    if let Some(m) = gpu {
+        eprintln!(
+            "GPU memory: {:.2} GB in use after the last step, peak {:.2} GB in use, {:.2} GB reserved",
+            m.in_use as f64 / 1e9,
+            m.peak_in_use as f64 / 1e9,
+            m.peak_reserved as f64 / 1e9
+        );
+    }
     eprintln!(
         "{} steps (batch {} x accumulation {}, max_seq_len {seq}): {steady:.0} tokens/s after {} \
          warm-up steps ({:.0} over all); peak RSS {peak_mb:.0} MB; {:.1}s wall in all",
@@ -95,6 +113,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "batch_size": batch.0, "grad_accum": batch.1, "max_seq_len": seq,
             "tokens_per_sec": steady, "tokens_per_sec_all_steps": summary.tokens_per_sec,
             "peak_rss_mb": peak_mb,
+            // GPU memory (cubecl's pools, sampled after each step's forward passes and at its
+            // end): in use by tensors, and reserved from the driver; null on the CPU.
+            "gpu_mem_gb": gpu.map(|m| m.in_use as f64 / 1e9),
+            "gpu_mem_peak_gb": gpu.map(|m| m.peak_in_use as f64 / 1e9),
+            "gpu_mem_reserved_peak_gb": gpu.map(|m| m.peak_reserved as f64 / 1e9),
         }));
     }
     Ok(())

@@ -47,10 +47,11 @@ pub enum Command {
 /// Options every command takes.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Where to run: cpu, cuda or cuda:N (cuda needs a binary built with --features cuda).
+    /// Where to run: cpu, cuda, cuda:N or wgpu (cuda and wgpu need a binary built with
+    /// --features cuda or --features wgpu).
     #[arg(long, default_value = "cpu", value_parser = clap::value_parser!(DeviceChoice))]
     pub device: DeviceChoice,
-    /// Compute dtype; weights are converted to it on load. auto = f32 on cpu, bf16 on cuda.
+    /// Compute dtype; weights are converted to it on load. auto = f32 on cpu and wgpu, bf16 on cuda.
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: Precision,
     /// Print one JSON object with the results as the last line of stdout.

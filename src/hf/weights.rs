@@ -149,9 +149,28 @@ impl WeightReader {
         shape: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
-        let data = self.data(name, &shape)?;
+        Ok(Tensor::from_data(self.take(name, &shape)?, device))
+    }
+
+    /// [`WeightReader::tensor`] in f32 whatever the device's default dtype (adapters and
+    /// optimiser moments being trained).
+    pub fn tensor_f32<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        Ok(Tensor::from_data(
+            self.take(name, &shape)?,
+            (device, DType::F32),
+        ))
+    }
+
+    /// Tensor `name`'s data, checked against `shape`, recorded as taken.
+    fn take(&self, name: &str, shape: &[usize]) -> Result<TensorData> {
+        let data = self.data(name, shape)?;
         self.taken.borrow_mut().insert(name.to_string());
-        Ok(Tensor::from_data(data, device))
+        Ok(data)
     }
 
     fn data(&self, name: &str, shape: &[usize]) -> Result<TensorData> {

@@ -8,7 +8,7 @@ use crate::hf::peft::{self, AdapterFiles, LoraConfig, Part};
 use crate::hf::weights::{write_safetensors, Weight};
 use anyhow::{bail, Result};
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+use burn::tensor::{backend::Backend, DType, ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -113,7 +113,7 @@ fn projection_names() -> impl Iterator<Item = &'static str> {
 
 /// Freezes every weight of `lm` and adds fresh adapters on the targeted projections, initialised
 /// as PEFT does: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a = sqrt(5)), B = 0, so the
-/// adapted model starts equal to the base.
+/// adapted model starts equal to the base; the adapters are f32 whatever the compute dtype.
 pub fn attach_new<B: Backend>(
     lm: CausalLm<B>,
     s: &LoraSettings,
@@ -128,12 +128,14 @@ pub fn attach_new<B: Backend>(
         }
         let [out, inp] = linear.weight.dims();
         let bound = 1.0 / (inp as f64).sqrt();
+        // f32 whatever the compute dtype: AdamW's small updates would vanish in bf16.
+        let f32 = (device, DType::F32);
         let a = Tensor::random(
             [s.r, inp],
             burn::tensor::Distribution::Uniform(-bound, bound),
-            device,
+            f32,
         );
-        let b = Tensor::zeros([out, s.r], device);
+        let b = Tensor::zeros([out, s.r], f32);
         linear.lora = Some(Lora {
             lora_a: Param::from_tensor(a),
             lora_b: Param::from_tensor(b),

@@ -10,7 +10,10 @@ use crate::hf::{Family, ModelConfig, Weight, WeightReader};
 use crate::kernels;
 use anyhow::Result;
 use burn::module::Module;
-use burn::tensor::{activation::softmax, backend::Backend, Tensor};
+use burn::tensor::{
+    activation::softmax, backend::Backend, module::attention, ops::AttentionModuleOptions, Bool,
+    Tensor, TensorData,
+};
 
 /// The projections' Hugging Face names, in the order of the module's weights.
 pub const PROJECTIONS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
@@ -25,6 +28,60 @@ pub enum Mask<B: Backend> {
     Additive(Option<Tensor<B, 2>>),
     /// For [`kernels::attention`]: `batch * keys` flags, true where a key is padding.
     Fused(Option<Vec<bool>>),
+    /// For burn's `module::attention` (inference on the GPU backends, and on the CPU with the
+    /// kernels off): `[batch or 1, 1, seq, keys]`, true where masked, with the causal diagonal
+    /// in it; `None` when only the causal mask of a pass without a cache applies (`causal`),
+    /// or nothing is masked.
+    Burn {
+        mask: Option<Tensor<B, 4, Bool>>,
+        causal: bool,
+    },
+}
+
+impl<B: Backend> Mask<B> {
+    /// The [`Mask::Burn`] of queries at `start..start+seq` over keys `0..start+seq`, padded keys
+    /// (`[batch, keys]`, true on padding) masked. With a KV cache (`start > 0`) the causal mask is
+    /// explicit: burn's flash kernel aligns `is_causal` to the top left, its fallback and Flex to
+    /// the bottom right, which differ when there are more keys than queries.
+    pub fn burn(
+        start: usize,
+        seq: usize,
+        key_padding: Option<&Tensor<B, 2, Bool>>,
+        device: &B::Device,
+    ) -> Self {
+        if start == 0 && key_padding.is_none() {
+            return Self::Burn {
+                mask: None,
+                causal: seq > 1,
+            };
+        }
+        if seq == 1 && key_padding.is_none() {
+            return Self::Burn {
+                mask: None,
+                causal: false,
+            };
+        }
+        let keys = start + seq;
+        let above: Vec<bool> = (0..seq)
+            .flat_map(|i| (0..keys).map(move |j| j > start + i))
+            .collect();
+        let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(above, [seq, keys]), device)
+            .reshape([1, 1, seq, keys]);
+        let mask = match key_padding {
+            None => causal,
+            Some(padding) => {
+                let batch = padding.dims()[0];
+                let padding = padding.clone().reshape([batch, 1, 1, keys]);
+                causal
+                    .expand([batch, 1, seq, keys])
+                    .bool_or(padding.expand([batch, 1, seq, keys]))
+            }
+        };
+        Self::Burn {
+            mask: Some(mask),
+            causal: false,
+        }
+    }
 }
 
 #[derive(Module, Debug)]
@@ -128,8 +185,15 @@ impl<B: Backend> Attention<B> {
             _ => (q, k),
         };
 
-        // 2. Rotate; fold the 1/sqrt(D) score scale into q.
-        let q = rope.apply(q, &pos.q, 1.0 / (d as f64).sqrt());
+        // 2. Rotate; fold the 1/sqrt(D) score scale into q (burn's attention scales by itself:
+        //    a custom scale would keep it from its flash kernel).
+        let burn_attention = matches!(mask, Mask::Burn { .. });
+        let scale = if burn_attention {
+            1.0
+        } else {
+            1.0 / (d as f64).sqrt()
+        };
+        let q = rope.apply(q, &pos.q, scale);
         let k = rope.apply(k, &pos.k, 1.0);
 
         // 3. Extended by the cache to all T keys, then viewed as (B, H, T, D) (no copy).
@@ -143,6 +207,10 @@ impl<B: Backend> Attention<B> {
             Mask::Fused(padding) => {
                 let out = kernels::attention(q, k, v, padding.as_deref())
                     .expect("Mask::Fused is only chosen where kernels::fused_attention holds");
+                return self.o_proj.forward(out);
+            }
+            Mask::Burn { mask, causal } => {
+                let out = fused(q, k, v, mask.as_ref(), *causal);
                 return self.o_proj.forward(out);
             }
         };
@@ -223,6 +291,42 @@ impl<B: Backend> Attention<B> {
             }
         }
     }
+}
+
+/// burn's `module::attention`, which on the GPU backends runs a flash kernel where it applies
+/// (autotuned against its unfused fallback) and on Flex its own fused CPU attention. The KV heads
+/// are repeated to as many as the query heads (GQA): burn's kernels take equal head counts.
+///
+/// # Shapes
+/// - `q`: `[batch, seq, heads, head_dim]`, rotated, not scaled
+/// - `k`, `v`: `[batch, kv_heads, keys, head_dim]`; `mask`: `[batch or 1, 1, seq, keys]`
+/// - returns `[batch, seq, heads * head_dim]`
+fn fused<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+    is_causal: bool,
+) -> Tensor<B, 3> {
+    let [batch, seq, heads, d] = q.dims();
+    let [_, kv_heads, keys, _] = k.dims();
+    let rep = heads / kv_heads;
+    let repeat = |t: Tensor<B, 4>| {
+        if rep == 1 {
+            return t;
+        }
+        t.unsqueeze_dim::<5>(2)
+            .expand([batch, kv_heads, rep, keys, d])
+            .reshape([batch, heads, keys, d])
+    };
+    let mask = mask.map(|m| m.clone().expand([batch, heads, seq, keys]));
+    let options = AttentionModuleOptions {
+        is_causal,
+        ..Default::default()
+    };
+    attention(q.swap_dims(1, 2), repeat(k), repeat(v), mask, None, options)
+        .swap_dims(1, 2)
+        .reshape([batch, seq, heads * d])
 }
 
 /// Softmax attention of one block, grouped by KV head without copying K or V:

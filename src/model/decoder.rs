@@ -172,8 +172,12 @@ impl<B: Backend> CausalLm<B> {
         let device = ids.device();
         let pos = rope.at(start, seq, attn.num_heads, attn.num_kv_heads, &device);
         let mut x = embedding(self.model.embed_tokens.val(), ids);
+        // Attention: the CPU kernels where they run; else, without autodiff (teacher, eval,
+        // generation), burn's fused attention; else (training on another backend) tensor ops.
         let mask = if kernels::fused_attention::<B>(x.dtype()) {
             Mask::Fused(key_padding.map(|p| p.clone().into_data().iter::<bool>().collect()))
+        } else if !B::ad_enabled(&device) {
+            Mask::burn(start, seq, key_padding, &device)
         } else {
             Mask::Additive(attention_mask::<B>(
                 start,

@@ -6,7 +6,8 @@ use crate::kernels::Adapter;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
-/// One projection's low-rank update.
+/// One projection's low-rank update. Adapters being trained are f32 whatever the compute dtype
+/// ([`super::adapter::attach_new`]).
 #[derive(Module, Debug)]
 pub struct Lora<B: Backend> {
     /// PEFT's `lora_A.weight`, `[r, in_features]`.
@@ -42,8 +43,11 @@ impl<B: Backend> Lora<B> {
         } else {
             x
         };
-        x.matmul(self.lora_a.val().transpose())
-            .matmul(self.lora_b.val().transpose())
+        // Trained adapters are kept in f32 (as PEFT keeps them under autocast); the product runs
+        // in the input's dtype, and the cast passes the gradient back in f32.
+        let dtype = x.dtype();
+        x.matmul(self.lora_a.val().cast(dtype).transpose())
+            .matmul(self.lora_b.val().cast(dtype).transpose())
             .mul_scalar(self.scaling)
     }
 }

@@ -161,6 +161,9 @@ pub fn fingerprint(
     let mut optim = serde_json::to_value(&cfg.optim)?;
     optim["max_steps"] = serde_json::Value::Null;
     optim["epochs"] = serde_json::Value::Null;
+    if let Some(o) = optim.as_object_mut() {
+        o.remove("activation_checkpointing");
+    }
     Ok(serde_json::json!({
         "teacher": teacher, "student": student, "model": cfg.model, "laco": cfg.laco,
         "data": cfg.data, "lora": cfg.lora, "loss": cfg.loss, "optim": optim,
@@ -202,11 +205,11 @@ pub fn restore<B: AutodiffBackend>(
         for (part, param) in [(Part::A, &mut lora.lora_a), (Part::B, &mut lora.lora_b)] {
             let key = peft::key(&name, part);
             let shape = param.dims();
-            let value: Tensor<B::InnerBackend, 2> = weights.tensor(&key, shape, device)?;
+            let value: Tensor<B::InnerBackend, 2> = weights.tensor_f32(&key, shape, device)?;
             *param = Param::initialized(param.id, Tensor::from_inner(value).require_grad());
             if moments.contains(&format!("{key}.exp_avg")) {
-                let m1 = moments.tensor(&format!("{key}.exp_avg"), shape, device)?;
-                let m2 = moments.tensor(&format!("{key}.exp_avg_sq"), shape, device)?;
+                let m1 = moments.tensor_f32(&format!("{key}.exp_avg"), shape, device)?;
+                let m2 = moments.tensor_f32(&format!("{key}.exp_avg_sq"), shape, device)?;
                 // One AdamW step per training step: its bias-correction count is the step.
                 let momentum = AdaptiveMomentumState::new(state.step, m1, m2);
                 records.insert(param.id, AdaptorRecord::from_state(AdamWState { momentum }));

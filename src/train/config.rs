@@ -78,6 +78,12 @@ pub struct OptimSection {
     /// Passes over the data (all files' sequences); when set, it decides the number of steps
     /// instead of max_steps.
     pub epochs: Option<f64>,
+    /// Train through burn's `BalancedCheckpointing`: the student's elementwise and layout ops
+    /// are recomputed in the backward pass instead of kept (less memory, a little more compute).
+    /// For the generic path (GPU backends); the CPU training kernels keep no such tensors and
+    /// run without it. Not part of a checkpoint's settings: a run may resume with it changed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub activation_checkpointing: bool,
 }
 
 impl Default for OptimSection {
@@ -94,6 +100,7 @@ impl Default for OptimSection {
             grad_accum: 1,
             max_steps: 100,
             epochs: None,
+            activation_checkpointing: false,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod evaluate;
 pub mod job;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod recipe;

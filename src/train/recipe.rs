@@ -14,6 +14,7 @@ use super::metrics::Metrics;
 use super::optim::{adamw, clip_global_norm, lr_at, throughput, Optim};
 use crate::data::batch::Batch;
 use crate::data::mixture::Mixture;
+use crate::device::GpuMemory;
 use crate::eval::mmlu::Report;
 use crate::model::adapter::{attach_new, save_adapter};
 use crate::model::{CausalLm, Pretrained, Rope};
@@ -50,6 +51,10 @@ pub struct Summary {
     /// (training tokens, seconds) of each step this process ran, for throughput after a warm-up.
     #[serde(skip)]
     pub step_times: Vec<(usize, f64)>,
+    /// GPU memory after the last step, with the peaks sampled over the steps (GPU runs only;
+    /// boxed to keep [`Outcome`]'s variants of similar size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_memory: Option<Box<GpuMemory>>,
 }
 
 /// Where and how a run goes, beyond its config.
@@ -104,6 +109,7 @@ struct Recipe<'a, B: AutodiffBackend> {
     tokens: usize,
     final_loss: f64,
     step_times: Vec<(usize, f64)>,
+    gpu_memory: Option<GpuMemory>,
     saved_at: Option<PathBuf>,
     bar: ProgressBar,
 }
@@ -201,6 +207,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             tokens,
             final_loss,
             step_times: Vec::new(),
+            gpu_memory: None,
             saved_at: run.resume.clone(),
             bar,
             cfg,
@@ -227,6 +234,8 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 bail!(self.diverged(loss, grad_norm));
             }
             self.lm = self.optim.step(lr, self.lm.clone(), grads);
+            // On a GPU: the step's work done (its failures become errors here), memory sampled.
+            crate::device::step_done::<B>(&self.device)?;
             self.step += 1;
             self.tokens += tokens;
             self.final_loss = loss;
@@ -237,7 +246,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 "loss {loss:.4} kd {kd:.4} ce {ce:.4} {tps:.0} tok/s"
             ));
             self.bar.inc(1);
-            let scalars = [
+            let mut scalars = vec![
                 ("loss", loss),
                 ("kd_loss", kd),
                 ("ce_loss", ce),
@@ -245,6 +254,11 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 ("grad_norm", grad_norm),
                 ("tokens_per_sec", tps),
             ];
+            self.gpu_memory = crate::device::gpu_memory();
+            if let Some(m) = self.gpu_memory {
+                scalars.push(("gpu_mem_gb", m.in_use as f64 / 1e9));
+                scalars.push(("gpu_mem_peak_gb", m.peak_in_use as f64 / 1e9));
+            }
             let eval = self.evaluate_if_due()?;
             let eval = eval.as_ref().map(|(ppl, mmlu)| (*ppl, mmlu.as_ref()));
             self.metrics.step(self.step, &scalars, eval)?;
@@ -286,6 +300,9 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 count,
             );
             sums[0] += loss.clone().into_scalar().elem::<f64>();
+            // The forward passes are done and the graph holds every activation: the step's
+            // peak, as near as sampling gets.
+            crate::device::gpu_memory();
             sums[1] += kd;
             sums[2] += ce;
             let grads = GradientsParams::from_grads(loss.backward(), &self.lm);
@@ -405,6 +422,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             mmlu_recovered: mmlu_acc(&mmlu_recovered),
             tokens_per_sec: throughput(&self.step_times),
             step_times: self.step_times,
+            gpu_memory: self.gpu_memory.map(Box::new),
         })
     }
 }

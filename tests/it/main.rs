@@ -1,6 +1,8 @@
 //! The integration tests, one binary: parity with the goldens (transformers, PEFT, lm-eval),
 //! the CPU kernels against burn's generic ops, and the commands end to end.
 
+mod bf16;
+mod burn_attention;
 mod cli;
 mod common;
 mod data;
@@ -12,7 +14,10 @@ mod hardening;
 mod kd;
 mod layout;
 mod lora;
+mod parity;
 mod prune;
 mod resume;
 mod tokenizer;
 mod train_kernels;
+#[cfg(feature = "wgpu")]
+mod wgpu;

@@ -1,0 +1,191 @@
+//! The memory plan of a distillation run, printed before any weights load: the teacher's and
+//! the student's weights, the adapters with their gradients and AdamW moments, the activations
+//! the student's backward pass keeps per layer for one micro-batch, the teacher's largest
+//! transient, and the logits of the loss. A run whose plan exceeds the GPU's memory stops here,
+//! naming the biggest term and what lowers it, instead of failing after loading 16 GB.
+//!
+//! The activation terms count the tensors burn's autodiff keeps on the generic path (what the
+//! GPU backends run), layer by layer in the forward pass of [`crate::model`]:
+//! - per adapter: the scaled dropout mask and the dropped-out input that the `A` matmul keeps
+//!   (`2 x in` per token; with dropout 0 only the input, shared by the adapters that read it)
+//! - RMSNorm: its f32 input (two norms per layer); Qwen3's q/k norms: their inputs
+//! - attention: q and k for the scores, v for the output, and two `[batch, heads, seq, keys]`
+//!   tensors (softmax's exponentials and the probabilities); a padded batch's causal blocks see
+//!   every key, so `keys = seq`
+//! - SwiGLU: the sigmoid, the gate, the SiLU output and the up projection (`4 x intermediate`)
+//!
+//! `optim.activation_checkpointing` (burn's `BalancedCheckpointing`) recomputes elementwise
+//! outputs instead of keeping them, but their inputs stay; measured on the CPU's generic path
+//! it saved nothing (README, "Running on a GPU"), so the plan counts the same activations with
+//! it. The same measurement put the plan 13% under the peak resident memory.
+
+use crate::hf::ModelConfig;
+use crate::model::chunk::CHUNK_ELEMENTS;
+use anyhow::{bail, Result};
+
+const GB: f64 = 1e9;
+
+/// One micro-batch's shape and the settings that size the memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub batch: usize,
+    pub seq: usize,
+    /// Bytes per element of the compute dtype (weights and activations).
+    pub elem_bytes: usize,
+    pub lora_r: usize,
+    /// Adapted projections per layer, and whether the adapters use dropout.
+    pub lora_targets: usize,
+    pub dropout: bool,
+    /// Only labels the plan (see the module doc).
+    pub checkpointing: bool,
+}
+
+/// The plan's terms in bytes.
+#[derive(Debug, Clone)]
+pub struct MemoryPlan {
+    pub terms: Vec<(String, u64)>,
+    pub total: u64,
+}
+
+impl MemoryPlan {
+    pub fn new(teacher: &ModelConfig, student_layers: usize, s: Shape) -> Self {
+        let e = s.elem_bytes as u64;
+        let (b, t) = (s.batch as u64, s.seq as u64);
+        let tokens = b * t;
+        let c = teacher;
+        let (h, nh, nkv, d, i, v) = (
+            c.hidden_size as u64,
+            c.num_attention_heads as u64,
+            c.num_key_value_heads as u64,
+            c.head_dim as u64,
+            c.intermediate_size as u64,
+            c.vocab_size as u64,
+        );
+        let layer_params = h * nh * d * 2 + h * nkv * d * 2 + 3 * h * i + 2 * h + 2 * d;
+        let head_params = v * h * if c.tie_word_embeddings { 1 } else { 2 };
+        let params = |layers: u64| layers * layer_params + head_params + h;
+        let student_layers = student_layers as u64;
+        // Adapters: r x (in + out) on each targeted projection (the plan assumes all seven
+        // sizes average like the layer's), then the gradient and AdamW's two moments.
+        let per_layer_adapter = s.lora_r as u64
+            * ((h + nh * d) * 2 + (h + nkv * d) * 2 + (h + i) * 3)
+            * s.lora_targets as u64
+            / 7;
+        let adapters = student_layers * per_layer_adapter * e * 4;
+        // Kept per layer, in elements (see the module doc).
+        let adapter_inputs = if s.dropout { 2 } else { 1 };
+        let width = adapter_inputs * (5 * h + nh * d + i)
+            + 2 * h * 4 / e
+            + (nh + nkv) * d
+            + (nh + 2 * nkv) * d
+            + 4 * i;
+        let scores = 2 * b * nh * t * t;
+        let per_layer = (tokens * width + scores) * e;
+        // The additive mask of a padded batch, once per forward pass.
+        let mask = b * nh * t * t * e;
+        // The teacher's largest transient (no autodiff): one layer's MLP and attention scores.
+        let teacher_peak = (tokens * (3 * i + 4 * h) + b * nh * t * t) * e;
+        // The loss: every chunk of counted rows keeps its student logits (compute dtype) and,
+        // cast to f32, its log-probabilities and their exponentials for the backward pass; at
+        // most batch x (seq - 1) rows.
+        let rows = b * (t.max(2) - 1);
+        let logits = rows * v * (e + 4 * 3) + CHUNK_ELEMENTS as u64 * 4 * 4;
+        let terms = vec![
+            (
+                format!("teacher weights ({} layers)", c.num_hidden_layers),
+                params(c.num_hidden_layers as u64) * e,
+            ),
+            (
+                format!("student weights (up to {student_layers} layers)"),
+                params(student_layers) * e,
+            ),
+            ("adapters + gradients + AdamW moments".to_string(), adapters),
+            (
+                format!(
+                    "student activations: {:.2} GB per layer x {student_layers} (batch {} x {} tokens{})",
+                    per_layer as f64 / GB,
+                    s.batch,
+                    s.seq,
+                    if s.checkpointing { ", checkpointing" } else { "" }
+                ),
+                per_layer * student_layers + mask,
+            ),
+            ("teacher forward (one layer's transients)".to_string(), teacher_peak),
+            (
+                format!("loss logits ({rows} rows x {v} vocabulary, kept for backward)"),
+                logits,
+            ),
+        ];
+        let total = terms.iter().map(|(_, bytes)| bytes).sum();
+        Self { terms, total }
+    }
+
+    /// The plan, one term per line.
+    pub fn print(&self, device: &str, capacity: Option<u64>) {
+        eprintln!("memory plan on {device} (estimate):");
+        for (what, bytes) in &self.terms {
+            eprintln!("  {:>8.2} GB  {what}", *bytes as f64 / GB);
+        }
+        let cap = capacity.map_or(String::new(), |c| format!(" of {:.1} GB", c as f64 / GB));
+        eprintln!("  {:>8.2} GB  total{cap}", self.total as f64 / GB);
+    }
+
+    /// An error when the plan does not fit in `capacity` bytes, naming the biggest term.
+    pub fn check_fits(&self, device: &str, capacity: u64) -> Result<()> {
+        if self.total <= capacity {
+            return Ok(());
+        }
+        let (biggest, _) = self
+            .terms
+            .iter()
+            .max_by_key(|(_, bytes)| *bytes)
+            .expect("terms");
+        bail!(
+            "{device}: the run needs about {:.1} GB but the device has {:.1} GB (largest: {biggest}); lower optim.batch_size (raise optim.grad_accum to keep the effective batch) or data.max_seq_len",
+            self.total as f64 / GB,
+            capacity as f64 / GB
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qwen3_8b() -> ModelConfig {
+        let json = r#"{"model_type":"qwen3","vocab_size":151936,"hidden_size":4096,
+            "intermediate_size":12288,"num_hidden_layers":36,"num_attention_heads":32,
+            "num_key_value_heads":8,"head_dim":128,"rms_norm_eps":1e-6,"rope_theta":1000000.0,
+            "tie_word_embeddings":false}"#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), json).unwrap();
+        ModelConfig::from_dir(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn the_flagship_weights_are_those_of_qwen3_8b_and_a_plan_that_exceeds_the_device_is_refused() {
+        let cfg = qwen3_8b();
+        let shape = Shape {
+            batch: 4,
+            seq: 1024,
+            elem_bytes: 2,
+            lora_r: 32,
+            lora_targets: 7,
+            dropout: true,
+            checkpointing: false,
+        };
+        let plan = MemoryPlan::new(&cfg, 26, shape);
+        // Qwen3-8B has 8.19 B parameters: 16.4 GB in bf16.
+        let teacher = plan.terms[0].1 as f64 / GB;
+        assert!((teacher - 16.38).abs() < 0.05, "teacher {teacher} GB");
+        // LoRA r=32 on all seven projections: 32 x (2 x 8192 + 2 x 5120 + 3 x 16384) = 2,424,832
+        // parameters a layer; 26 layers, in bf16, with gradient and two moments.
+        assert_eq!(plan.terms[2].1, 26 * 2_424_832 * 2 * 4);
+        assert!(plan.check_fits("cuda:0", 141_000_000_000).is_ok());
+        let err = plan
+            .check_fits("cuda:0", 24_000_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lower optim.batch_size"), "{err}");
+    }
+}

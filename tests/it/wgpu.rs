@@ -1,0 +1,139 @@
+//! burn's wgpu backend (`--features wgpu`): the same cubecl kernels, fusion, autotune and
+//! autodiff as CUDA, compiled to WGSL. CI runs these on Mesa's software Vulkan driver
+//! (llvmpipe), the GPU proxy of a machine without a GPU: the goldens in f32 and f16, a few
+//! distillation steps against the CPU's, GPU memory in `bench --json` and metrics.jsonl, and the
+//! error of a machine without a Vulkan driver.
+
+use crate::common::*;
+use crate::parity::{distances_without_decoding as distances, in_own_process};
+use burn::backend::wgpu::WgpuDevice;
+use burn::tensor::{set_default_dtypes, FloatDType, IntDType};
+use laco_train::device::Wgpu;
+
+#[test]
+fn wgpu_f32_matches_the_goldens() {
+    let d = distances::<Wgpu>(&WgpuDevice::DefaultDevice);
+    eprintln!("wgpu f32: {d:?}");
+    // Measured on llvmpipe: 5.7e-6 on logits, 4.5e-7 on ppl, 2.4e-6 on MMLU, 4.8e-7 on the step.
+    assert!(
+        d.logits <= 1e-4 && d.padded <= 1e-4 && d.cached <= 1e-4,
+        "{d:?}"
+    );
+    assert!(d.ppl <= 1e-4 && d.mmlu <= 1e-4, "{d:?}");
+    assert!(d.kd <= 1e-4, "{d:?}");
+}
+
+#[test]
+fn wgpu_f16_matches_the_goldens_within_its_precision() {
+    in_own_process("wgpu::wgpu_f16_child", ("LACO_TEST_CHILD", "wgpu-f16"));
+}
+
+#[test]
+#[ignore = "run by wgpu_f16_matches_the_goldens_within_its_precision in a process of its own"]
+fn wgpu_f16_child() {
+    if std::env::var("LACO_TEST_CHILD").as_deref() != Ok("wgpu-f16") {
+        return;
+    }
+    let dev = WgpuDevice::DefaultDevice;
+    set_default_dtypes::<Wgpu>(&dev, FloatDType::F16, IntDType::I32).unwrap();
+    let d = distances::<Wgpu>(&dev);
+    eprintln!("wgpu f16: {d:?}");
+    // f16 keeps 11 significant bits. Measured on llvmpipe: logits 0.0095, ppl 1.4e-5 relative,
+    // MMLU 0.0020, the step's KD and CE 9.1e-5 (greedy decoding equal too); bounds about 3x.
+    assert!(
+        d.logits <= 0.03 && d.padded <= 0.03 && d.cached <= 0.03,
+        "{d:?}"
+    );
+    assert!(d.ppl <= 1e-4 && d.mmlu <= 6e-3 && d.kd <= 3e-4, "{d:?}");
+}
+
+/// `bench` on the tiny model's golden LaCo student: losses of every step and the JSON line.
+fn bench(device: &str, out: &std::path::Path) -> (Vec<f64>, serde_json::Value) {
+    let student = fixture("golden/laco-last");
+    let v = json_line(&laco(&[
+        "bench",
+        "--student",
+        student.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--device",
+        device,
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .inspect(|m| {
+            if device == "wgpu" {
+                assert!(m["gpu_mem_gb"].as_f64().unwrap() > 0.0, "{m}");
+            }
+        })
+        .map(|m| m["loss"].as_f64().unwrap())
+        .collect();
+    (losses, v)
+}
+
+#[test]
+fn distillation_steps_on_wgpu_follow_the_cpu_and_report_gpu_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cpu, cpu_json) = bench("cpu", &dir.path().join("cpu"));
+    let (gpu, gpu_json) = bench("wgpu", &dir.path().join("wgpu"));
+    assert_eq!(cpu.len(), 4);
+    // The same steps (no dropout in configs/tiny.toml): CPU kernels against wgpu's generic ops.
+    // Measured: the first step's loss equal to 1e-7, the fourth within 9e-4 relative (AdamW
+    // turns last-bit differences of small gradients into different updates).
+    assert!(
+        (cpu[0] - gpu[0]).abs() <= 1e-5 * cpu[0],
+        "cpu {cpu:?} wgpu {gpu:?}"
+    );
+    for (c, g) in cpu.iter().zip(&gpu) {
+        assert!(
+            (c - g).abs() <= 3e-3 * c.abs(),
+            "losses cpu {cpu:?} wgpu {gpu:?}"
+        );
+    }
+    assert!(cpu_json["gpu_mem_gb"].is_null(), "{cpu_json}");
+    let (now, peak) = (
+        gpu_json["gpu_mem_gb"].as_f64().unwrap(),
+        gpu_json["gpu_mem_peak_gb"].as_f64().unwrap(),
+    );
+    assert!(now > 0.0 && peak >= now, "{gpu_json}");
+    assert!(gpu_json["gpu_mem_reserved_peak_gb"].as_f64().unwrap() >= peak);
+}
+
+#[test]
+fn a_machine_without_a_vulkan_driver_gets_one_line() {
+    let out = laco_command()
+        .args([
+            "eval",
+            "--task",
+            "ppl",
+            "--device",
+            "wgpu",
+            "--max-tokens",
+            "64",
+            "--text",
+        ])
+        .arg(fixture("../../datasets/text_milton_areopagitica.txt"))
+        .env("VK_ICD_FILENAMES", "/nonexistent.json")
+        .env("VK_DRIVER_FILES", "/nonexistent.json")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    // The whole of stderr is the one line (the device thread's panic is not printed).
+    assert_eq!(err.trim_end(), last, "{err}");
+    assert!(
+        last.starts_with(
+            "error: --device wgpu: no GPU adapter could be opened (No possible adapter"
+        ),
+        "{err}"
+    );
+}
