@@ -17,19 +17,96 @@ pub struct Cursor {
     pub drawn: u64,
     pub epoch: Vec<u64>,
     pub position: Vec<usize>,
+    /// Packed batches: the last sequence drawn did not fit into the batch before, and starts
+    /// the next one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub carried: bool,
 }
 
 /// The training sequences of every file, drawn by mixture weight in a seeded order; each file
-/// is reshuffled when exhausted (a new epoch of that file).
+/// is reshuffled when exhausted (a new epoch of that file). Batches take the draws in order:
+/// one sequence per row, right-padded, or (`packing`) greedily packed into rows of
+/// `max_seq_len` tokens: a sequence goes into the current row if it fits, else it starts the
+/// next row (of this batch, or of the next batch when this one has its rows).
 pub struct Mixture {
+    /// Every file's sequences, in file order; ids number them across files in that order.
     files: Vec<Vec<Sequence>>,
+    /// The id of each file's first sequence.
+    first_id: Vec<usize>,
+    stream: Stream,
+    /// Rows of this many tokens when packing.
+    packing: Option<usize>,
+    pad: u32,
+}
+
+/// What decides the next rows: the seeded draw order and, packing, the sequence drawn that did
+/// not fit into the last row.
+#[derive(Clone)]
+struct Stream {
+    draws: Draws,
+    carried: Option<usize>,
+}
+
+/// The seeded draw order: which file, then which of its sequences (a shuffled order per file).
+#[derive(Clone)]
+struct Draws {
+    /// Per file, its sequences' indices in this epoch's shuffled order.
+    order: Vec<Vec<u32>>,
+    first_id: Vec<usize>,
     cursor: Vec<usize>,
     epoch: Vec<u64>,
     drawn: u64,
     seed: u64,
     weights: Vec<f64>,
     rng: StdRng,
-    pad: u32,
+}
+
+impl Draws {
+    /// The next sequence's id.
+    fn next(&mut self) -> usize {
+        let total: f64 = self.weights.iter().sum();
+        let mut r = self.rng.random::<f64>() * total;
+        let mut f = self.weights.len() - 1;
+        for (i, w) in self.weights.iter().enumerate() {
+            if r < *w {
+                f = i;
+                break;
+            }
+            r -= w;
+        }
+        if self.cursor[f] == self.order[f].len() {
+            self.order[f].shuffle(&mut self.rng);
+            self.cursor[f] = 0;
+            self.epoch[f] += 1;
+        }
+        self.drawn += 1;
+        self.cursor[f] += 1;
+        self.first_id[f] + self.order[f][self.cursor[f] - 1] as usize
+    }
+}
+
+impl Stream {
+    /// The ids of the next row's sequences: one, or packing as many as fit in `row_len` tokens
+    /// (`len` gives a sequence's tokens, never more than `row_len`).
+    fn next_row(&mut self, packing: Option<usize>, len: impl Fn(usize) -> usize) -> Vec<usize> {
+        let Some(row_len) = packing else {
+            return vec![self.draws.next()];
+        };
+        let (mut row, mut fill) = (Vec::new(), 0);
+        loop {
+            let id = match self.carried.take() {
+                Some(id) => id,
+                None => self.draws.next(),
+            };
+            let n = len(id);
+            if fill > 0 && fill + n > row_len {
+                self.carried = Some(id);
+                return row;
+            }
+            row.push(id);
+            fill += n;
+        }
+    }
 }
 
 impl Mixture {
@@ -38,7 +115,7 @@ impl Mixture {
             .eos_id()
             .ok_or_else(|| anyhow::anyhow!("tokenizer.json: no end-of-text token"))?;
         let mut rng = StdRng::seed_from_u64(d.seed);
-        let mut files = Vec::new();
+        let (mut files, mut order, mut first_id) = (Vec::new(), Vec::new(), Vec::new());
         for path in &d.files {
             let mut seqs = Vec::new();
             let mut error = None;
@@ -60,7 +137,11 @@ impl Mixture {
                     d.max_seq_len
                 );
             }
-            seqs.shuffle(&mut rng);
+            // The same permutation as shuffling the sequences themselves would make.
+            let mut perm: Vec<u32> = (0..seqs.len() as u32).collect();
+            perm.shuffle(&mut rng);
+            first_id.push(files.iter().map(Vec::len).sum());
+            order.push(perm);
             files.push(seqs);
         }
         let weights = if d.weights.is_empty() {
@@ -68,46 +149,62 @@ impl Mixture {
         } else {
             d.weights.clone()
         };
-        Ok(Self {
+        let draws = Draws {
             cursor: vec![0; files.len()],
             epoch: vec![0; files.len()],
             drawn: 0,
             seed: d.seed,
-            files,
+            first_id: first_id.clone(),
+            order,
             weights,
             rng,
+        };
+        Ok(Self {
+            files,
+            first_id,
+            stream: Stream {
+                draws,
+                carried: None,
+            },
+            packing: d.packing.then_some(d.max_seq_len),
             pad: eos,
         })
     }
 
-    fn next(&mut self) -> &Sequence {
-        let total: f64 = self.weights.iter().sum();
-        let mut r = self.rng.random::<f64>() * total;
-        let mut f = self.weights.len() - 1;
-        for (i, w) in self.weights.iter().enumerate() {
-            if r < *w {
-                f = i;
-                break;
-            }
-            r -= w;
-        }
-        if self.cursor[f] == self.files[f].len() {
-            self.files[f].shuffle(&mut self.rng);
-            self.cursor[f] = 0;
-            self.epoch[f] += 1;
-        }
-        self.drawn += 1;
-        self.cursor[f] += 1;
-        &self.files[f][self.cursor[f] - 1]
+    /// The sequence with id `id` (ids number all files' sequences in file order).
+    pub fn sequence(&self, id: usize) -> &Sequence {
+        lookup(&self.files, &self.first_id, id)
     }
 
+    fn len_of(&self) -> impl Fn(usize) -> usize + '_ {
+        |id| self.sequence(id).ids.len()
+    }
+
+    /// The next batch: `size` rows, each one sequence (right-padded) or, packing, as many
+    /// sequences as fit in `max_seq_len` tokens.
     pub fn batch<B: burn::tensor::backend::Backend>(
         &mut self,
         size: usize,
         device: &B::Device,
     ) -> Batch<B> {
-        let seqs: Vec<Sequence> = (0..size).map(|_| self.next().clone()).collect();
-        Batch::new(&seqs.iter().collect::<Vec<_>>(), self.pad, device)
+        let (files, first_id) = (&self.files, &self.first_id);
+        let len = |id| lookup(files, first_id, id).ids.len();
+        let rows: Vec<Vec<usize>> = (0..size)
+            .map(|_| self.stream.next_row(self.packing, len))
+            .collect();
+        let seqs: Vec<Vec<&Sequence>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&id| self.sequence(id)).collect())
+            .collect();
+        let mut batch = match self.packing {
+            Some(_) => Batch::packed(&seqs, self.pad, device),
+            None => {
+                let one: Vec<&Sequence> = seqs.iter().map(|r| r[0]).collect();
+                Batch::new(&one, self.pad, device)
+            }
+        };
+        batch.keys = rows.into_iter().flatten().collect();
+        batch
     }
 
     /// Training sequences in all files.
@@ -115,30 +212,70 @@ impl Mixture {
         self.files.iter().map(Vec::len).sum()
     }
 
+    /// The steps of `per_step` rows that hold `epochs` x [`Mixture::sequences`] draws
+    /// (rounded up), from where the mixture stands: with packing, the rows they pack into.
+    pub fn steps_for(&self, epochs: f64, per_step: usize) -> usize {
+        let wanted = (epochs * self.sequences() as f64).ceil() as usize;
+        let mut stream = self.stream.clone();
+        let (mut rows, mut placed) = (0usize, 0);
+        while placed < wanted {
+            placed += stream.next_row(self.packing, self.len_of()).len();
+            rows += 1;
+        }
+        rows.div_ceil(per_step.max(1)).max(1)
+    }
+
+    /// The ids of the distinct sequences that the next `rows` rows hold, in the order they
+    /// are first drawn, at most `limit` of them; the mixture itself does not move.
+    pub fn planned(&self, rows: usize, limit: usize) -> Vec<usize> {
+        let mut stream = self.stream.clone();
+        let mut seen = vec![false; self.sequences()];
+        let mut out = Vec::new();
+        for _ in 0..rows {
+            for id in stream.next_row(self.packing, self.len_of()) {
+                if out.len() < limit && !std::mem::replace(&mut seen[id], true) {
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
     pub fn cursor(&self) -> Cursor {
+        let d = &self.stream.draws;
         Cursor {
-            seed: self.seed,
-            drawn: self.drawn,
-            epoch: self.epoch.clone(),
-            position: self.cursor.clone(),
+            seed: d.seed,
+            drawn: d.drawn,
+            epoch: d.epoch.clone(),
+            position: d.cursor.clone(),
+            carried: self.stream.carried.is_some(),
         }
     }
 
     /// Replays the draws of `to` (a checkpoint's cursor) and checks that it arrives there.
     pub fn seek(&mut self, to: &Cursor) -> Result<()> {
-        if to.seed != self.seed || to.drawn < self.drawn {
+        let d = &mut self.stream.draws;
+        if to.seed != d.seed || to.drawn < d.drawn {
             bail!(
                 "the checkpoint's data cursor does not belong to this data (seed {} vs {})",
                 to.seed,
-                self.seed
+                d.seed
             );
         }
-        while self.drawn < to.drawn {
-            self.next();
+        let mut last = self.stream.carried;
+        while d.drawn < to.drawn {
+            last = Some(d.next());
         }
+        self.stream.carried = last.filter(|_| to.carried);
         if self.cursor() != *to {
             bail!("the checkpoint's data cursor does not match this data (files changed?)");
         }
         Ok(())
     }
+}
+
+/// The sequence `id` of `files` whose first ids are `first_id`.
+fn lookup<'a>(files: &'a [Vec<Sequence>], first_id: &[usize], id: usize) -> &'a Sequence {
+    let f = first_id.partition_point(|&first| first <= id) - 1;
+    &files[f][id - first_id[f]]
 }

@@ -7,7 +7,7 @@ use super::{
     rope::{Rope, RopeAt},
 };
 use crate::hf::{Family, ModelConfig, Weight, WeightReader};
-use crate::kernels;
+use crate::kernels::{self, KeyMask};
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{activation::softmax, backend::Backend, Tensor};
@@ -18,10 +18,13 @@ const QUERY_BLOCK: usize = 256;
 /// How one forward pass masks attention (always causal), chosen once for all its layers.
 pub enum Mask<B: Backend> {
     /// For the generic path: additive, `[1, seq * keys]` (causal) or `[batch * heads, seq * keys]`
-    /// (padding); `None` when nothing is masked.
+    /// (padding, packed rows); `None` when nothing is masked.
     Additive(Option<Tensor<B, 2>>),
     /// For [`kernels::attention`]: `batch * keys` flags, true where a key is padding.
     Fused(Option<Vec<bool>>),
+    /// For [`kernels::attention`] on packed rows: per key the index of its sequence's first key
+    /// within the row (`batch * keys`); a query sees its own sequence's keys up to itself.
+    Segments(Vec<usize>),
 }
 
 #[derive(Module, Debug)]
@@ -138,8 +141,14 @@ impl<B: Backend> Attention<B> {
         let mask = match mask {
             Mask::Additive(m) => m.as_ref(),
             Mask::Fused(padding) => {
-                let out = kernels::attention(q, k, v, padding.as_deref())
+                let keys = padding.as_deref().map_or(KeyMask::Causal, KeyMask::Padding);
+                let out = kernels::attention(q, k, v, keys)
                     .expect("Mask::Fused is only chosen where kernels::fused_attention holds");
+                return self.o_proj.forward(out);
+            }
+            Mask::Segments(first) => {
+                let out = kernels::attention(q, k, v, KeyMask::Segments(first))
+                    .expect("Mask::Segments is only chosen where kernels::fused_attention holds");
                 return self.o_proj.forward(out);
             }
         };

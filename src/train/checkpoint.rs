@@ -216,7 +216,7 @@ pub fn restore<B: AutodiffBackend>(
 
 /// The first setting (as a dotted path) whose value differs between a checkpoint's fingerprint
 /// and this run's, with both values.
-fn differing_field(
+pub fn differing_field(
     saved: &serde_json::Value,
     now: &serde_json::Value,
     path: &str,

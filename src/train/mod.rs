@@ -9,3 +9,4 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod recipe;
+pub mod teacher_cache;
