@@ -95,7 +95,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("the benchmark was interrupted");
     };
     let peak_mb = peak_rss_mb();
-    let steady = throughput(&summary.step_times[args.warmup..]);
+    let timed = &summary.step_times[args.warmup..];
+    let steady = throughput(timed);
+    let per_step = timed.iter().map(|(_, s)| s).sum::<f64>() / timed.len() as f64;
     let padding = summary.padding_fraction;
     let rows = if packing { "packed rows" } else { "sequences" };
     let teacher = match &cache {
@@ -120,7 +122,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "batch_size": batch.0, "grad_accum": batch.1, "max_seq_len": seq,
             "packing": packing, "divergence": divergence, "teacher_cache": cache,
             "tokens_per_sec": steady, "tokens_per_sec_all_steps": summary.tokens_per_sec,
-            "padding_fraction": padding, "peak_rss_mb": peak_mb,
+            "seconds_per_step": per_step, "padding_fraction": padding, "peak_rss_mb": peak_mb,
         }));
     }
     Ok(())
