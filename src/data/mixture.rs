@@ -233,9 +233,13 @@ impl Mixture {
         let mut out = Vec::new();
         for _ in 0..rows {
             for id in stream.next_row(self.packing, self.len_of()) {
-                if out.len() < limit && !std::mem::replace(&mut seen[id], true) {
+                if !std::mem::replace(&mut seen[id], true) {
                     out.push(id);
                 }
+            }
+            if out.len() >= limit {
+                out.truncate(limit);
+                break;
             }
         }
         out

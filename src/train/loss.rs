@@ -276,14 +276,7 @@ fn student_step<B: AutodiffBackend>(
     mut teacher: impl FnMut(Range<usize>) -> TeacherRows<B>,
 ) -> (Tensor<B, 1>, f64, f64) {
     // Only the counted positions reach the lm_head and the loss.
-    let hidden = counted_hidden(
-        lm,
-        rope,
-        batch.ids.clone(),
-        batch.padding.as_ref(),
-        batch.segments.as_ref(),
-        batch.rows.clone(),
-    );
+    let hidden = batch_hidden(lm, rope, batch);
     let chunk = rows_per_chunk(lm.model.embed_tokens.dims()[0]);
     let sums = chunked_kd(chunk, batch.targets.clone(), loss, |r| {
         let student = lm.logits_2d(hidden.clone().slice(r.clone()));
@@ -312,4 +305,20 @@ pub fn counted_hidden<B: Backend>(
         None => lm.hidden(ids, rope, padding, None, None),
     };
     predicting_rows(hidden).select(0, rows)
+}
+
+/// [`counted_hidden`] of a batch on the model's own backend.
+pub fn batch_hidden<B: Backend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    batch: &Batch<B>,
+) -> Tensor<B, 2> {
+    counted_hidden(
+        lm,
+        rope,
+        batch.ids.clone(),
+        batch.padding.as_ref(),
+        batch.segments.as_ref(),
+        batch.rows.clone(),
+    )
 }

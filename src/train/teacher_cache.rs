@@ -25,7 +25,7 @@
 
 use super::checkpoint::differing_field;
 use super::config::DistillConfig;
-use super::loss::{counted_hidden, loss_step, loss_step_cached, teacher_top_k, Divergence, KdLoss};
+use super::loss::{batch_hidden, loss_step, loss_step_cached, teacher_top_k, Divergence, KdLoss};
 use crate::data::batch::{Batch, IGNORE};
 use crate::data::instruct::templates;
 use crate::data::mixture::Mixture;
@@ -298,14 +298,7 @@ fn top_k_of_batch<B: Backend>(
     batch: &Batch<B>,
     k: usize,
 ) -> (Vec<i32>, Vec<f32>) {
-    let hidden = counted_hidden(
-        lm,
-        rope,
-        batch.ids.clone(),
-        batch.padding.as_ref(),
-        batch.segments.as_ref(),
-        batch.rows.clone(),
-    );
+    let hidden = batch_hidden(lm, rope, batch);
     let (mut ids, mut logprobs) = (Vec::new(), Vec::new());
     let vocab = lm.model.embed_tokens.dims()[0];
     for r in row_chunks(batch.count, rows_per_chunk(vocab)) {

@@ -13,49 +13,34 @@ use laco_train::train::teacher_cache::{fingerprint, TeacherCache};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-/// A short tiny-model config training top-16 forward KL at T = 2 (as
-/// [`crate::train_kernels::kd`]); `extra` is appended (e.g. a `[teacher]` table).
+/// configs/tiny.toml shortened (3 steps of 4 rows, no MMLU, no periodic evaluation) and
+/// training top-16 forward KL at T = 2 (as [`crate::train_kernels::kd`]); `extra` is appended
+/// (e.g. a `[teacher]` table).
 fn config(dir: &Path, name: &str, packing: bool, max_seq_len: usize, extra: &str) -> PathBuf {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let text = format!(
-        r#"[model]
-base = "{root}/tests/fixtures/tiny-qwen3"
-[laco]
-merge_layers = 3
-lowest_layer = 1
-highest_layer = 8
-interval = 1
-threshold = 0.0
-max_compression = 0.5
-merge_mode = "last"
-[data]
-files = ["{root}/datasets/alpaca-format-shakespeare.parquet", "{root}/datasets/openorca-format-shakespeare.parquet"]
-max_seq_len = {max_seq_len}
-packing = {packing}
-seed = 3
-[lora]
-r = 8
-alpha = 16.0
-dropout = 0.0
-[loss]
-divergence = "top_k_forward_kl"
-top_k = 16
-temperature = 2.0
-alpha = 0.5
-[optim]
-lr = 2e-3
-batch_size = 4
-max_steps = 3
-[output]
-run_dir = "run"
-eval_text = "{root}/datasets/text_shakespeare_hamlet.txt"
-eval_every = 0
-eval_tokens = 256
-{extra}
-"#
-    );
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/");
+    let tiny = std::fs::read_to_string(format!("{root}configs/tiny.toml")).unwrap();
+    let set = [
+        ("max_seq_len", max_seq_len.to_string()),
+        ("seed", format!("3\npacking = {packing}")),
+        ("divergence", "\"top_k_forward_kl\"\ntop_k = 16".into()),
+        ("temperature", "2.0".into()),
+        ("batch_size", "4".into()),
+        ("max_steps", "3".into()),
+        ("run_dir", "\"run\"".into()),
+        ("eval_every", "0".into()),
+        ("eval_tokens", "256".into()),
+        ("mmlu_limit", "0".into()),
+    ];
+    let mut text = String::new();
+    for line in tiny.replace("\"../", &format!("\"{root}")).lines() {
+        let key = line.split(" =").next().unwrap_or_default();
+        match set.iter().find(|(k, _)| *k == key) {
+            Some((k, v)) => text += &format!("{k} = {v}\n"),
+            None => text += &format!("{line}\n"),
+        }
+    }
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, text + extra + "\n").unwrap();
     path
 }
 
