@@ -25,9 +25,8 @@ pub struct Cursor {
 
 /// The training sequences of every file, drawn by mixture weight in a seeded order; each file
 /// is reshuffled when exhausted (a new epoch of that file). Batches take the draws in order:
-/// one sequence per row, right-padded, or (`packing`) greedily packed into rows of
-/// `max_seq_len` tokens: a sequence goes into the current row if it fits, else it starts the
-/// next row (of this batch, or of the next batch when this one has its rows).
+/// one sequence per row, right-padded, or (`packing`) packed into rows of `max_seq_len` tokens,
+/// each sequence into the fullest row of the batch it fits in (see [`Stream::next_batch`]).
 pub struct Mixture {
     /// Every file's sequences, in file order; ids number them across files in that order.
     files: Vec<Vec<Sequence>>,
@@ -39,8 +38,8 @@ pub struct Mixture {
     pad: u32,
 }
 
-/// What decides the next rows: the seeded draw order and, packing, the sequence drawn that did
-/// not fit into the last row.
+/// What decides the next batches: the seeded draw order and, packing, the sequence drawn that
+/// did not fit into the last batch.
 #[derive(Clone)]
 struct Stream {
     draws: Draws,
@@ -86,25 +85,41 @@ impl Draws {
 }
 
 impl Stream {
-    /// The ids of the next row's sequences: one, or packing as many as fit in `row_len` tokens
-    /// (`len` gives a sequence's tokens, never more than `row_len`).
-    fn next_row(&mut self, packing: Option<usize>, len: impl Fn(usize) -> usize) -> Vec<usize> {
+    /// The ids of the next batch's sequences, row by row: `size` rows of one sequence, or
+    /// packing `size` rows of at most `row_len` tokens (`len` gives a sequence's tokens, never
+    /// more than `row_len`): each sequence drawn goes into the fullest row it fits in (best
+    /// fit; a new row while the batch has fewer than `size`), and the first that fits in none
+    /// starts the next batch.
+    fn next_batch(
+        &mut self,
+        size: usize,
+        packing: Option<usize>,
+        len: impl Fn(usize) -> usize,
+    ) -> Vec<Vec<usize>> {
         let Some(row_len) = packing else {
-            return vec![self.draws.next()];
+            return (0..size).map(|_| vec![self.draws.next()]).collect();
         };
-        let (mut row, mut fill) = (Vec::new(), 0);
+        let mut rows: Vec<(Vec<usize>, usize)> = Vec::with_capacity(size);
         loop {
             let id = match self.carried.take() {
                 Some(id) => id,
                 None => self.draws.next(),
             };
             let n = len(id);
-            if fill > 0 && fill + n > row_len {
-                self.carried = Some(id);
-                return row;
+            let best = (0..rows.len())
+                .filter(|&r| rows[r].1 + n <= row_len)
+                .min_by_key(|&r| row_len - rows[r].1);
+            match best {
+                Some(r) => {
+                    rows[r].0.push(id);
+                    rows[r].1 += n;
+                }
+                None if rows.len() < size => rows.push((vec![id], n)),
+                None => {
+                    self.carried = Some(id);
+                    return rows.into_iter().map(|(row, _)| row).collect();
+                }
             }
-            row.push(id);
-            fill += n;
         }
     }
 }
@@ -189,9 +204,7 @@ impl Mixture {
     ) -> Batch<B> {
         let (files, first_id) = (&self.files, &self.first_id);
         let len = |id| lookup(files, first_id, id).ids.len();
-        let rows: Vec<Vec<usize>> = (0..size)
-            .map(|_| self.stream.next_row(self.packing, len))
-            .collect();
+        let rows = self.stream.next_batch(size, self.packing, len);
         let seqs: Vec<Vec<&Sequence>> = rows
             .iter()
             .map(|r| r.iter().map(|&id| self.sequence(id)).collect())
@@ -212,27 +225,32 @@ impl Mixture {
         self.files.iter().map(Vec::len).sum()
     }
 
-    /// The steps of `per_step` rows that hold `epochs` x [`Mixture::sequences`] draws
-    /// (rounded up), from where the mixture stands: with packing, the rows they pack into.
-    pub fn steps_for(&self, epochs: f64, per_step: usize) -> usize {
+    /// The steps of `accum` batches of `size` rows that hold `epochs` x
+    /// [`Mixture::sequences`] draws (rounded up), from where the mixture stands: with
+    /// packing, counted by packing the draw order ahead.
+    pub fn steps_for(&self, epochs: f64, size: usize, accum: usize) -> usize {
         let wanted = (epochs * self.sequences() as f64).ceil() as usize;
         let mut stream = self.stream.clone();
-        let (mut rows, mut placed) = (0usize, 0);
+        let (mut batches, mut placed) = (0usize, 0);
         while placed < wanted {
-            placed += stream.next_row(self.packing, self.len_of()).len();
-            rows += 1;
+            let rows = stream.next_batch(size, self.packing, self.len_of());
+            placed += rows.iter().map(Vec::len).sum::<usize>();
+            batches += 1;
         }
-        rows.div_ceil(per_step.max(1)).max(1)
+        batches.div_ceil(accum.max(1)).max(1)
     }
 
-    /// The ids of the distinct sequences that the next `rows` rows hold, in the order they
-    /// are first drawn, at most `limit` of them; the mixture itself does not move.
-    pub fn planned(&self, rows: usize, limit: usize) -> Vec<usize> {
+    /// The ids of the distinct sequences that the next `batches` batches of `size` rows hold,
+    /// in the order they come, at most `limit` of them; the mixture itself does not move.
+    pub fn planned(&self, batches: usize, size: usize, limit: usize) -> Vec<usize> {
         let mut stream = self.stream.clone();
         let mut seen = vec![false; self.sequences()];
         let mut out = Vec::new();
-        for _ in 0..rows {
-            for id in stream.next_row(self.packing, self.len_of()) {
+        for _ in 0..batches {
+            for id in stream
+                .next_batch(size, self.packing, self.len_of())
+                .concat()
+            {
                 if !std::mem::replace(&mut seen[id], true) {
                     out.push(id);
                 }

@@ -202,13 +202,13 @@ impl DistillConfig {
         Ok(())
     }
 
-    /// With `optim.epochs`, `steps(epochs, rows per step)` (the data's count of the steps that
-    /// draw all its sequences that many times, see
+    /// With `optim.epochs`, `steps(epochs, batch_size, grad_accum)` (the data's count of the
+    /// steps that draw all its sequences that many times, see
     /// [`crate::data::mixture::Mixture::steps_for`]) becomes `optim.max_steps`.
-    pub fn resolve_epochs(&mut self, steps: impl FnOnce(f64, usize) -> usize) {
+    pub fn resolve_epochs(&mut self, steps: impl FnOnce(f64, usize, usize) -> usize) {
         let o = &mut self.optim;
         if let Some(epochs) = o.epochs {
-            o.max_steps = steps(epochs, o.batch_size * o.grad_accum).max(1);
+            o.max_steps = steps(epochs, o.batch_size, o.grad_accum).max(1);
         }
     }
 }
@@ -231,9 +231,9 @@ mod tests {
         assert!(cfg.model.base.join("config.json").exists());
         assert!(cfg.data.files.iter().all(|f| f.exists()));
         cfg.optim.epochs = Some(2.0);
-        // The data counts the steps (tests/it/data.rs checks its count) of 8 rows.
-        cfg.resolve_epochs(|epochs, rows| {
-            assert_eq!((epochs, rows), (2.0, 8));
+        // The data counts the steps (tests/it/packing.rs checks its count) of 8 rows.
+        cfg.resolve_epochs(|epochs, rows, accum| {
+            assert_eq!((epochs, rows, accum), (2.0, 8, 1));
             250
         });
         assert_eq!(cfg.optim.max_steps, 250);

@@ -145,7 +145,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         // 3. Data: depends on the student's tokenizer; epochs turn into steps once it is read.
         let mut data = Mixture::load(&cfg.data, &student.tokenizer)?;
         let mut cfg = cfg.clone();
-        cfg.resolve_epochs(|epochs, rows| data.steps_for(epochs, rows));
+        cfg.resolve_epochs(|epochs, rows, accum| data.steps_for(epochs, rows, accum));
         // 4. Adapters and optimiser. The backend's generator is seeded so adapter
         //    initialisation (and, per step, dropout) is reproducible.
         B::seed(device, cfg.data.seed);

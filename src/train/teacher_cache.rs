@@ -231,10 +231,10 @@ impl Job for CacheJob {
         }
         let mut data = Mixture::load(&self.cfg.data, &teacher.tokenizer)?;
         self.cfg
-            .resolve_epochs(|epochs, rows| data.steps_for(epochs, rows));
+            .resolve_epochs(|epochs, rows, accum| data.steps_for(epochs, rows, accum));
         let o = &self.cfg.optim;
         let limit = self.max_sequences.unwrap_or(usize::MAX);
-        let plan = data.planned(o.max_steps * o.batch_size * o.grad_accum, limit);
+        let plan = data.planned(o.max_steps * o.grad_accum, o.batch_size, limit);
         let mut writer = Writer::open(&self, fingerprint, plan.len(), data.sequences())?;
         let mut wanted = vec![false; data.sequences()];
         for &id in &plan {
