@@ -10,7 +10,7 @@
 # `python3 -m venv .venv && .venv/bin/pip install pyarrow`, then PYTHON=.venv/bin/python); for
 # smollm2, ./smollm2-135m (tools/fetch-smollm2.sh smollm2-135m).
 # Settings (environment): MAX_SEQ_LEN (1024), BATCH (8 rows), STEPS (tiny 12, smollm2 4),
-# WARMUP (tiny 2, smollm2 1), TOP_K (64).
+# WARMUP (tiny 2, smollm2 1), TOP_K (64), SECTIONS ("packing cache": which comparisons to run).
 set -eu
 cd "$(dirname "$0")/.."
 MODEL=${1:-tiny}
@@ -20,6 +20,7 @@ PYTHON=${PYTHON:-python3}
 MAX_SEQ_LEN=${MAX_SEQ_LEN:-1024}
 BATCH=${BATCH:-8}
 TOP_K=${TOP_K:-64}
+SECTIONS=${SECTIONS:-packing cache}
 case "$MODEL" in
   tiny) CONFIG=configs/tiny.toml; BASE=tests/fixtures/tiny-qwen3; STEPS=${STEPS:-12}; WARMUP=${WARMUP:-2} ;;
   smollm2) CONFIG=configs/smollm2-135m.toml; BASE=smollm2-135m; STEPS=${STEPS:-4}; WARMUP=${WARMUP:-1} ;;
@@ -48,17 +49,21 @@ STUDENT=$OUT/student
 bench() { # CONFIG LABEL ARGS...
   c=$1; label=$2; shift 2
   printf '%s load %s ' "$label" "$(cut -d' ' -f1 /proc/loadavg)"
-  "$BIN" bench --config "$c" --student "$STUDENT" --data $DATA --steps "$STEPS" --warmup "$WARMUP" --json "$@" 2>/dev/null | tail -1
+  line=$("$BIN" bench --config "$c" --student "$STUDENT" --data $DATA --steps "$STEPS" --warmup "$WARMUP" --json "$@" 2>"$OUT/$label.err" | tail -1) || true
+  echo "${line:-failed: see $OUT/$label.err}"
 }
 
+case " $SECTIONS " in *" packing "*)
 echo "== packing: $MODEL, $BATCH rows, max_seq_len $MAX_SEQ_LEN, $STEPS steps ($WARMUP warm-up), pairs of adjacent runs"
 i=0
 while [ $i -lt "$PAIRS" ]; do
   bench "$FKL" padded --packing false
   bench "$FKL" packed --packing true
   i=$((i + 1))
-done
+done ;;
+esac
 
+case " $SECTIONS " in *" cache "*)
 echo "== teacher cache: top-$TOP_K, packed; online top-k / cached / online forward KL"
 CACHE=$OUT/cache
 "$BIN" teacher-cache --config "$TOPK" --data $DATA --max-steps "$STEPS" --top-k "$TOP_K" --out "$CACHE" --json 2>/dev/null | tail -1
@@ -68,4 +73,5 @@ while [ $i -lt "$PAIRS" ]; do
   bench "$TOPK" cached --teacher-cache "$CACHE"
   bench "$FKL" online-forward-kl
   i=$((i + 1))
-done
+done ;;
+esac

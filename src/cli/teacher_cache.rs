@@ -1,9 +1,9 @@
 //! `laco-train teacher-cache`: run the teacher once over a distill config's training data and
 //! store its top-k next-token log-probabilities for `distill` with `[teacher] cache = "DIR"`.
 
-use super::print_json;
+use super::distill::{job, DistillArgs};
+use super::{print_json, Common};
 use crate::device::{dispatch, DeviceChoice, Precision};
-use crate::train::config::DistillConfig;
 use crate::train::teacher_cache::{CacheDtype, CacheJob};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -60,33 +60,32 @@ pub struct TeacherCacheArgs {
 }
 
 pub fn run(args: TeacherCacheArgs) -> Result<()> {
-    let mut cfg = DistillConfig::load(args.config.as_deref())?;
-    if let Some(n) = args.max_steps {
-        cfg.optim.max_steps = n;
-    }
-    if !args.data.is_empty() {
-        cfg.data.files = args.data.clone();
-        cfg.data.weights.clear();
-    }
-    cfg.validate("command line")?;
     if args.max_sequences == Some(0) {
         bail!("--max-sequences must be at least 1");
     }
-    let teacher = if args.teacher == "base" {
-        cfg.model.base.clone()
-    } else {
-        PathBuf::from(&args.teacher)
-    };
-    if !teacher.join("config.json").exists() {
-        bail!("{}: not a model directory (teacher)", teacher.display());
-    }
+    // The config, data and teacher as `distill` reads them.
+    let distill = job(DistillArgs {
+        config: args.config.clone(),
+        teacher: args.teacher.clone(),
+        student: None,
+        out: None,
+        max_steps: args.max_steps,
+        data: args.data.clone(),
+        resume: None,
+        save_every: None,
+        common: Common {
+            device: args.device,
+            dtype: Precision::Auto,
+            json: args.json,
+        },
+    })?;
     let out = args
         .out
-        .or_else(|| cfg.teacher.cache.clone())
-        .unwrap_or_else(|| cfg.output.run_dir.join("teacher-cache"));
+        .or_else(|| distill.cfg.teacher.cache.clone())
+        .unwrap_or_else(|| distill.run_dir.join("teacher-cache"));
     let job = CacheJob {
-        cfg,
-        teacher,
+        cfg: distill.cfg,
+        teacher: distill.teacher,
         out,
         top_k: args.top_k,
         dtype: args.dtype,
