@@ -703,3 +703,26 @@ impl<B: AutodiffBackend> Teacher<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_probabilities_survive_storage_in_each_dtype() {
+        let values = [0.0f32, -std::f32::consts::LN_2, -3.25, -17.125, -103.5];
+        for (dtype, tol) in [
+            (CacheDtype::F32, 0.0),
+            (CacheDtype::F16, 1e-3),
+            (CacheDtype::Bf16, 8e-3),
+        ] {
+            let bytes = dtype.encode(&values);
+            assert_eq!(bytes.len(), values.len() * dtype.bytes());
+            let mut back = Vec::new();
+            dtype.decode(&bytes, &mut back);
+            for (a, b) in values.iter().zip(&back) {
+                assert!((a - b).abs() <= tol * a.abs(), "{dtype:?}: {a} -> {b}");
+            }
+        }
+    }
+}
