@@ -219,6 +219,14 @@ impl Job for CacheJob {
     type Output = CacheSummary;
 
     fn run<B: Backend>(mut self, device: B::Device) -> Result<CacheSummary> {
+        // Before any model loads: never write into a directory that holds something else.
+        let foreign = std::fs::read_dir(&self.out).is_ok_and(|mut d| d.next().is_some());
+        if foreign && !self.out.join(INDEX).exists() {
+            bail!(
+                "{}: exists and is not a teacher cache (no {INDEX}); use another --out",
+                self.out.display()
+            );
+        }
         let tokenizer = self.teacher.join("tokenizer.json");
         let fingerprint = fingerprint(&self.cfg, &self.teacher, &tokenizer)?;
         let teacher = Pretrained::<B>::load(&self.teacher, &device)?;

@@ -177,6 +177,18 @@ fn distill_trains_from_a_cache_that_continues_and_refuses_another_run() {
             "cached {a:?} vs online {b:?}"
         );
     }
+    // A directory that is not a cache is not written into.
+    let run_dir = dir.path().join("run-cached");
+    let args = [
+        "teacher-cache",
+        "--config",
+        cached.to_str().unwrap(),
+        "--out",
+    ];
+    fails(
+        laco(&[&args[..], &[run_dir.to_str().unwrap()]].concat()),
+        "not a teacher cache",
+    );
     // More steps than the cache was made for: the missing sequence is named.
     fails(
         run(&cached, "run-long", "40"),
