@@ -6,15 +6,17 @@
 use super::distill::{job, DistillArgs};
 use super::{at_least_one, print_json, Common};
 use crate::device::dispatch;
+use crate::train::loss::Divergence;
 use crate::train::optim::throughput;
 use crate::train::recipe::Outcome;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 
-/// Measure distillation steps: tokens/s (tokens of the training batches over the time spent in
-/// the steps after --warmup) and peak resident memory (VmHWM, the whole process: model loading,
-/// and pruning when --student is not given, included).
+/// Measure distillation steps: tokens/s (tokens of the training batches, padding not counted,
+/// over the time spent in the steps after --warmup), the share of the batches' positions that
+/// were padding, and peak resident memory (VmHWM, the whole process: model loading, and pruning
+/// when --student is not given, included).
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Distill config (see configs/); default: the embedded configs/tiny.toml.
@@ -44,6 +46,15 @@ pub struct BenchArgs {
     /// to measure its memory (e.g. with and without optim.activation_checkpointing) on the CPU.
     #[arg(long)]
     pub generic_ops: bool,
+    /// Pack sequences into rows of max_seq_len (overrides data.packing).
+    #[arg(long)]
+    pub packing: Option<bool>,
+    /// The KD divergence (overrides loss.divergence).
+    #[arg(long, value_enum)]
+    pub divergence: Option<Divergence>,
+    /// Train from this teacher cache (overrides teacher.cache; needs top_k_forward_kl).
+    #[arg(long)]
+    pub teacher_cache: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -73,6 +84,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut job = job(distill)?;
     let o = &mut job.cfg.output;
     (o.eval_every, o.mmlu_limit, o.eval_tokens) = (0, 0, 256);
+    if let Some(p) = args.packing {
+        job.cfg.data.packing = p;
+    }
+    if let Some(d) = args.divergence {
+        job.cfg.loss.divergence = d;
+    }
+    if let Some(c) = &args.teacher_cache {
+        job.cfg.teacher.cache = Some(c.clone());
+    }
+    let (packing, divergence) = (job.cfg.data.packing, job.cfg.loss.divergence);
+    let cache = job.cfg.teacher.cache.clone();
     let batch = (job.cfg.optim.batch_size, job.cfg.optim.grad_accum);
     let seq = job.cfg.data.max_seq_len;
     let started = std::time::Instant::now();
@@ -87,7 +109,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("the benchmark was interrupted");
     };
     let peak_mb = peak_rss_mb();
-    let steady = throughput(&summary.step_times[args.warmup..]);
+    let timed = &summary.step_times[args.warmup..];
+    let steady = throughput(timed);
+    let per_step = timed.iter().map(|(_, s)| s).sum::<f64>() / timed.len() as f64;
+    let padding = summary.padding_fraction;
+    let rows = if packing { "packed rows" } else { "sequences" };
+    let teacher = match &cache {
+        Some(c) => format!("teacher cache {}", c.display()),
+        None => "teacher online".into(),
+    };
     let gpu = summary.gpu_memory.as_deref().copied();
     if let Some(m) = gpu {
         eprintln!(
@@ -98,21 +128,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "{} steps (batch {} x accumulation {}, max_seq_len {seq}): {steady:.0} tokens/s after {} \
-         warm-up steps ({:.0} over all); peak RSS {peak_mb:.0} MB; {:.1}s wall in all",
+        "{} steps ({} {rows} x accumulation {}, max_seq_len {seq}, {divergence:?}, {teacher}): \
+         {steady:.0} tokens/s after {} warm-up steps ({:.0} over all); padding {:.1}% of \
+         positions; peak RSS {peak_mb:.0} MB; {:.1}s wall in all",
         args.steps,
         batch.0,
         batch.1,
         args.warmup,
         summary.tokens_per_sec,
+        100.0 * padding,
         started.elapsed().as_secs_f64()
     );
     if args.common.json {
         print_json(&serde_json::json!({
             "bench": "distill", "steps": args.steps, "warmup": args.warmup,
             "batch_size": batch.0, "grad_accum": batch.1, "max_seq_len": seq,
+            "packing": packing, "divergence": divergence, "teacher_cache": cache,
             "tokens_per_sec": steady, "tokens_per_sec_all_steps": summary.tokens_per_sec,
-            "peak_rss_mb": peak_mb,
+            "seconds_per_step": per_step, "padding_fraction": padding, "peak_rss_mb": peak_mb,
             // GPU memory (cubecl's pools, sampled after each step's forward passes and at its
             // end): in use by tensors, and reserved from the driver; null on the CPU.
             "gpu_mem_gb": gpu.map(|m| m.in_use as f64 / 1e9),

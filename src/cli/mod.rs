@@ -7,6 +7,7 @@ mod eval;
 mod export;
 mod generate;
 mod prune;
+mod teacher_cache;
 
 use crate::device::{DeviceChoice, Precision};
 use anyhow::{bail, Result};
@@ -42,6 +43,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Measure distillation speed (tokens/s) and peak memory.
     Bench(bench::BenchArgs),
+    /// Store the teacher's top-k log-probabilities over a distill config's data, for distill.
+    TeacherCache(teacher_cache::TeacherCacheArgs),
 }
 
 /// Options every command takes.
@@ -136,6 +139,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Distill(args) => distill::run(args),
         Command::Export(args) => export::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::TeacherCache(args) => teacher_cache::run(args),
     }
 }
 

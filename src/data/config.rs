@@ -22,6 +22,10 @@ pub struct DataConfig {
     pub max_examples: usize,
     #[serde(default)]
     pub seed: u64,
+    /// Pack several sequences into each row of max_seq_len tokens (each with its own positions
+    /// and attention); false: one sequence per row, right-padded to the batch's longest.
+    #[serde(default = "d_packing")]
+    pub packing: bool,
 }
 
 fn d_max_seq_len() -> usize {
@@ -29,6 +33,9 @@ fn d_max_seq_len() -> usize {
 }
 fn d_max_examples() -> usize {
     100_000
+}
+fn d_packing() -> bool {
+    true
 }
 
 impl DataConfig {

@@ -90,6 +90,34 @@ impl Format {
     }
 }
 
+/// Every prompt template as this build formats examples (each layout's example with the column
+/// names in braces as its values, and the variants with an empty input or system prompt): what
+/// a teacher cache's fingerprint records, since its sequences depend on them.
+pub fn templates() -> String {
+    let mut out = String::new();
+    for (format, empty) in [
+        (Format::Alpaca, ""),
+        (Format::Alpaca, "input"),
+        (Format::OpenOrca, ""),
+        (Format::OpenOrca, "system_prompt"),
+        (Format::Text, ""),
+    ] {
+        let get = |c: &str| {
+            Ok(if c == empty {
+                String::new()
+            } else {
+                format!("{{{c}}}")
+            })
+        };
+        let ex = format.example(&get).expect("placeholders always format");
+        out.push_str(&format!(
+            "{format:?}: {:?} -> {:?}\n",
+            ex.prompt, ex.response
+        ));
+    }
+    out
+}
+
 /// Reads `path` row group by row group, calling `each` per example until it returns false.
 pub fn read_examples(path: &Path, mut each: impl FnMut(Example) -> bool) -> Result<Format> {
     let rows = ParquetRows::open(path)?;

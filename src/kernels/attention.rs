@@ -9,6 +9,11 @@
 //! normalised on the way into the `[batch, seq, heads * head_dim]` layout that o_proj reads.
 //! Training's forward pass also keeps each query row's log-sum-exp.
 //!
+//! Packed rows ([`KeyMask::Segments`]) hold several sequences, each attending only to itself: a
+//! query sees the keys from its segment's first up to itself. A block of queries then runs its
+//! gemms only over the keys from the first query's segment start to its last query, skipping
+//! the blocks of keys no query of the block can see.
+//!
 //! The backward pass runs one rayon task per (batch row, KV head), over blocks of queries of
 //! every head sharing that KV head: it recomputes the scores and, from the kept log-sum-exps, the
 //! probabilities P, then dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ = dS K and
@@ -32,24 +37,81 @@ use rayon::prelude::*;
 /// Queries per task.
 const BLOCK: usize = 64;
 
+/// Which keys a query sees besides the causal limit (keys after it are never seen).
+#[derive(Debug, Clone, Copy)]
+pub enum KeyMask<'a> {
+    /// Every key up to the query.
+    Causal,
+    /// `batch * keys` flags, true where a key is padding (never seen).
+    Padding(&'a [bool]),
+    /// Packed rows: per key its segment's id, which is the index of the segment's first key
+    /// within its row (`batch * keys` values); a query sees the keys of its own segment up to
+    /// itself.
+    Segments(&'a [usize]),
+}
+
+/// Owned [`KeyMask`] data, kept by the backward pass.
+#[derive(Debug, Clone)]
+enum Keys {
+    Causal,
+    Padding(Vec<bool>),
+    Segments(Vec<usize>),
+}
+
+impl Keys {
+    fn mask(&self) -> KeyMask<'_> {
+        match self {
+            Keys::Causal => KeyMask::Causal,
+            Keys::Padding(p) => KeyMask::Padding(p),
+            Keys::Segments(s) => KeyMask::Segments(s),
+        }
+    }
+}
+
+impl<'a> KeyMask<'a> {
+    fn owned(self) -> Keys {
+        match self {
+            KeyMask::Causal => Keys::Causal,
+            KeyMask::Padding(p) => Keys::Padding(p.to_vec()),
+            KeyMask::Segments(s) => Keys::Segments(s.to_vec()),
+        }
+    }
+
+    /// The padding flags of batch row `b`'s keys `0..seen`.
+    fn padding(self, b: usize, keys: usize, seen: usize) -> Option<&'a [bool]> {
+        match self {
+            KeyMask::Padding(p) => Some(&p[b * keys..b * keys + seen]),
+            _ => None,
+        }
+    }
+
+    /// The first key that query key-position `i` of batch row `b` can see.
+    fn first(self, b: usize, keys: usize, i: usize) -> usize {
+        match self {
+            KeyMask::Segments(s) => s[b * keys + i],
+            _ => 0,
+        }
+    }
+}
+
 /// Causal attention of queries at the last `seq` of `keys` positions.
 ///
 /// # Shapes
 /// - `q`: `[batch, seq, heads, head_dim]`, rotated and already scaled by `1/sqrt(head_dim)`
 /// - `k`, `v`: `[batch, kv_heads, keys, head_dim]`
-/// - `padding`: `batch * keys` flags, true where a key is padding
+/// - `mask`: see [`KeyMask`]
 /// - returns `[batch, seq, heads * head_dim]`, or `None` where the kernels do not run
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    padding: Option<&[bool]>,
+    mask: KeyMask,
 ) -> Option<Tensor<B, 3>> {
     let dims = Dims::of(&q, &k);
     let shape = [dims.batch, dims.seq, dims.heads * dims.d];
     if inference::<B>(q.dtype()) {
         let (q, k, v) = (View::of(q)?, View::of(k)?, View::of(v)?);
-        return Some(from_vec(forward(&q, &k, &v, dims, padding, None), shape));
+        return Some(from_vec(forward(&q, &k, &v, dims, mask, None), shape));
     }
     if !training::<B>(q.dtype()) {
         return None;
@@ -58,12 +120,12 @@ pub fn attention<B: Backend>(
     let views = [&q, &k, &v].map(|t| View::from_flex(t.primitive.clone()));
     let mut lse = vec![0f32; dims.batch * dims.heads * dims.seq];
     let [qv, kv, vv] = &views;
-    let out = flex_tensor(forward(qv, kv, vv, dims, padding, Some(&mut lse)), &shape);
+    let out = flex_tensor(forward(qv, kv, vv, dims, mask, Some(&mut lse)), &shape);
     let state = || State {
         views,
         out: out.clone(),
         lse,
-        padding: padding.map(<[bool]>::to_vec),
+        keys: mask.owned(),
         dims,
     };
     Some(from_ad(record(Attention, [&q, &k, &v], out.clone(), state)))
@@ -103,7 +165,7 @@ fn forward(
     k: &View,
     v: &View,
     dims: Dims,
-    padding: Option<&[bool]>,
+    mask: KeyMask,
     lse: Option<&mut [f32]>,
 ) -> Vec<f32> {
     let Dims {
@@ -130,26 +192,32 @@ fn forward(
             );
             let rows = BLOCK.min(seq - r0);
             let seen = start + r0 + rows;
+            // Keys before the block's first segment start are seen by none of its queries.
+            let lo = mask.first(b, keys, start + r0);
+            let width = seen - lo;
             queries(q, b, g * rep..(g + 1) * rep, r0..r0 + rows, &mut s.queries);
             let m = rep * rows;
-            resize_for_gemm(&mut s.scores, m * seen);
+            resize_for_gemm(&mut s.scores, m * width);
             resize_for_gemm(&mut s.values, m * d);
-            let pad = padding.map(|p| &p[b * keys..b * keys + seen]);
+            let pad = mask.padding(b, keys, seen);
             // SAFETY: the views bound every index used here; the scratch buffers have the
             // sizes given to gemm.
             unsafe {
                 gemm(
-                    [m, seen, d],
-                    (s.scores.as_mut_ptr(), 1, seen as isize),
+                    [m, width, d],
+                    (s.scores.as_mut_ptr(), 1, width as isize),
                     (s.queries.as_ptr(), 1, d as isize),
-                    (k.at(&[b, g, 0, 0]), k.strides[2], k.strides[3]),
+                    (k.at(&[b, g, lo, 0]), k.strides[2], k.strides[3]),
                     Write::Set(1.0),
                 );
             }
             s.inv_sums.clear();
-            for (row, scores) in s.scores.chunks_exact_mut(seen).enumerate() {
-                let visible = start + r0 + row % rows + 1;
-                let (max, inv) = softmax_row(scores, visible, pad);
+            for (row, scores) in s.scores.chunks_exact_mut(width).enumerate() {
+                let i = start + r0 + row % rows;
+                let from = mask.first(b, keys, i) - lo;
+                let (hidden, scores) = scores.split_at_mut(from);
+                hidden.fill(0.0);
+                let (max, inv) = softmax_row(scores, i + 1 - lo - from, pad);
                 s.inv_sums.push(inv);
                 if let Some(lse) = &lse {
                     let (h, i) = (g * rep + row / rows, r0 + row % rows);
@@ -160,10 +228,10 @@ fn forward(
             // SAFETY: as above.
             unsafe {
                 gemm(
-                    [m, d, seen],
+                    [m, d, width],
                     (s.values.as_mut_ptr(), 1, d as isize),
-                    (s.scores.as_ptr(), 1, seen as isize),
-                    (v.at(&[b, g, 0, 0]), v.strides[3], v.strides[2]),
+                    (s.scores.as_ptr(), 1, width as isize),
+                    (v.at(&[b, g, lo, 0]), v.strides[3], v.strides[2]),
                     Write::Set(1.0),
                 );
             }
@@ -223,7 +291,7 @@ struct State {
     out: FlexTensor,
     /// `[batch, heads, seq]`.
     lse: Vec<f32>,
-    padding: Option<Vec<bool>>,
+    keys: Keys,
     dims: Dims,
 }
 
@@ -271,11 +339,17 @@ impl Backward<Flex, 3> for Attention {
                 let group = kh * rep..(kh + 1) * rep;
                 // Only this task touches the (b, kh) blocks of dK and dV.
                 let (dk, dv) = (dk_out.at(task * keys * d), dv_out.at(task * keys * d));
-                let pad = st.padding.as_ref().map(|p| &p[b * keys..(b + 1) * keys]);
-                let (kp, vp) = (k.at(&[b, kh, 0, 0]), v.at(&[b, kh, 0, 0]));
+                let mask = st.keys.mask();
                 for r0 in (0..seq).step_by(BLOCK) {
                     let rows = BLOCK.min(seq - r0);
                     let (seen, m) = (start + r0 + rows, rep * rows);
+                    // As in the forward pass: only keys lo..seen are seen by the block.
+                    let lo = mask.first(b, keys, start + r0);
+                    let width = seen - lo;
+                    let pad = mask.padding(b, keys, seen);
+                    let (kp, vp) = (k.at(&[b, kh, lo, 0]), v.at(&[b, kh, lo, 0]));
+                    // SAFETY: rows lo..seen of this task's block of dK and dV.
+                    let (dk, dv) = unsafe { (dk.add(lo * d), dv.add(lo * d)) };
                     queries(q, b, group.clone(), r0..r0 + rows, &mut s.q);
                     // The block's rows of dO and rowsum(dO O), head-major as the queries.
                     s.d_out.clear();
@@ -288,39 +362,42 @@ impl Backward<Flex, 3> for Attention {
                             s.delta.push(gr.iter().zip(or).map(|(a, b)| a * b).sum());
                         }
                     }
-                    resize_for_gemm(&mut s.probs, m * seen);
-                    resize_for_gemm(&mut s.d_scores, m * seen);
+                    resize_for_gemm(&mut s.probs, m * width);
+                    resize_for_gemm(&mut s.d_scores, m * width);
                     resize_for_gemm(&mut s.d_q, m * d);
                     let (ks, vs) = ((k.strides[2], k.strides[3]), (v.strides[2], v.strides[3]));
                     // SAFETY (every gemm): the views bound K and V, the scratch buffers have
-                    // the sizes given, and dK, dV rows 0..seen lie in this task's block.
+                    // the sizes given, and dK, dV rows lo..seen lie in this task's block.
                     unsafe {
                         gemm(
-                            [m, seen, d],
-                            (s.probs.as_mut_ptr(), 1, seen as isize),
+                            [m, width, d],
+                            (s.probs.as_mut_ptr(), 1, width as isize),
                             (s.q.as_ptr(), 1, d as isize),
                             (kp, ks.0, ks.1),
                             Write::Set(1.0),
                         );
                     }
-                    for (row, p) in s.probs.chunks_exact_mut(seen).enumerate() {
+                    for (row, p) in s.probs.chunks_exact_mut(width).enumerate() {
                         let (h, i) = (group.start + row / rows, r0 + row % rows);
                         let lse = st.lse[(b * heads + h) * seq + i];
-                        probs_row(p, start + i + 1, pad.map(|p| &p[..seen]), lse);
+                        let from = mask.first(b, keys, start + i) - lo;
+                        let (hidden, p) = p.split_at_mut(from);
+                        hidden.fill(0.0);
+                        probs_row(p, start + i + 1 - lo - from, pad, lse);
                     }
                     unsafe {
                         // dV += P^T dO
                         gemm(
-                            [seen, d, m],
+                            [width, d, m],
                             (dv, 1, d as isize),
-                            (s.probs.as_ptr(), seen as isize, 1),
+                            (s.probs.as_ptr(), width as isize, 1),
                             (s.d_out.as_ptr(), 1, d as isize),
                             Write::Add(1.0),
                         );
                         // dP = dO V^T
                         gemm(
-                            [m, seen, d],
-                            (s.d_scores.as_mut_ptr(), 1, seen as isize),
+                            [m, width, d],
+                            (s.d_scores.as_mut_ptr(), 1, width as isize),
                             (s.d_out.as_ptr(), 1, d as isize),
                             (vp, vs.0, vs.1),
                             Write::Set(1.0),
@@ -329,8 +406,8 @@ impl Backward<Flex, 3> for Attention {
                     // dS = P (dP - delta)
                     for ((ds, p), delta) in s
                         .d_scores
-                        .chunks_exact_mut(seen)
-                        .zip(s.probs.chunks_exact(seen))
+                        .chunks_exact_mut(width)
+                        .zip(s.probs.chunks_exact(width))
                         .zip(&s.delta)
                     {
                         for (x, &p) in ds.iter_mut().zip(p) {
@@ -340,17 +417,17 @@ impl Backward<Flex, 3> for Attention {
                     unsafe {
                         // dQ = dS K
                         gemm(
-                            [m, d, seen],
+                            [m, d, width],
                             (s.d_q.as_mut_ptr(), 1, d as isize),
-                            (s.d_scores.as_ptr(), 1, seen as isize),
+                            (s.d_scores.as_ptr(), 1, width as isize),
                             (kp, ks.1, ks.0),
                             Write::Set(1.0),
                         );
                         // dK += dS^T Q
                         gemm(
-                            [seen, d, m],
+                            [width, d, m],
                             (dk, 1, d as isize),
-                            (s.d_scores.as_ptr(), seen as isize, 1),
+                            (s.d_scores.as_ptr(), width as isize, 1),
                             (s.q.as_ptr(), 1, d as isize),
                             Write::Add(1.0),
                         );

@@ -7,10 +7,12 @@
 //! - [`matmul_t`], [`linear`]: projections on a gemm split across threads; in training one
 //!   autodiff node for the frozen product plus the LoRA adapter (dropout mask regenerated, not
 //!   stored)
-//! - [`attention`]: fused causal attention, with a backward pass that recomputes the
-//!   probabilities block by block from the kept log-sum-exps
+//! - [`attention`]: fused causal attention (padded or packed rows), with a backward pass that
+//!   recomputes the probabilities block by block from the kept log-sum-exps
 //! - [`rms_norm`], [`rope`], [`silu_mul`], [`logsumexp`]: row kernels with a vectorised exp
 //! - [`kd_ce_sums`]: a chunk of logit rows' KD and CE sums, its gradient in one pass
+//! - [`top_k_logprobs`], [`top_k_kd_ce_sums`]: a teacher's top-k tokens and log-probabilities,
+//!   and the top-k forward KL + CE against them, its gradient in one pass
 //!
 //! [`with_generic_ops`] switches them all off for the current thread, so tests can compare
 //! both paths on the same backend.
@@ -22,11 +24,13 @@ mod kd;
 mod pointwise;
 mod projection;
 mod simd;
+mod topk;
 
-pub use attention::attention;
+pub use attention::{attention, KeyMask};
 pub use kd::kd_ce_sums;
 pub use pointwise::{logsumexp, rms_norm, rope, silu_mul};
 pub use projection::{linear, matmul_t, Adapter};
+pub use topk::{top_k_kd_ce_sums, top_k_logprobs};
 
 use burn::tensor::{backend::Backend, DType};
 use std::cell::Cell;

@@ -168,8 +168,9 @@ impl Backward<Flex, 1> for Norm {
     }
 }
 
-/// Rotary embedding of `x [batch, seq, heads, d]` with tables `[1, seq * heads * d]` (see
-/// [`super::rope::Rope::at`]), times `scale`; also for inference on Flex.
+/// Rotary embedding of `x [batch, seq, heads, d]` with tables `[1, seq * heads * d]` (shared by
+/// every batch row) or `[batch, seq * heads * d]` (per row), times `scale`; also for inference
+/// on Flex.
 pub fn rope<B: Backend>(
     x: &Tensor<B, 4>,
     cos: &Tensor<B, 2>,
@@ -177,9 +178,17 @@ pub fn rope<B: Backend>(
     scale: f32,
 ) -> Option<Tensor<B, 4>> {
     let dims = x.dims();
+    let row = dims[1] * dims[2] * dims[3];
     if inference::<B>(x.dtype()) && cos.dtype() == DType::F32 {
         let (x, c, s) = (flex_data(x), flex_data(cos), flex_data(sin));
-        let out = rotate(elems(&x), elems(&c), elems(&s), dims[3], scale, false);
+        let out = rotate(
+            elems(&x),
+            [elems(&c), elems(&s)],
+            row,
+            dims[3],
+            scale,
+            false,
+        );
         return Some(from_vec(out, dims));
     }
     if !training::<B>(x.dtype()) || cos.dtype() != DType::F32 {
@@ -188,17 +197,38 @@ pub fn rope<B: Backend>(
     let x = to_ad(x.clone());
     let xs = dense(x.primitive.clone());
     let [c, s] = [cos, sin].map(|t| dense(to_ad(t.clone()).primitive));
-    let out = rotate(elems(&xs), elems(&c), elems(&s), dims[3], scale, false);
+    let out = rotate(
+        elems(&xs),
+        [elems(&c), elems(&s)],
+        row,
+        dims[3],
+        scale,
+        false,
+    );
     let out = flex_tensor(out, &dims);
     Some(from_ad(record(Rotary, [&x], out, || (c, s, scale))))
 }
 
-/// [`rope_rows`] over every batch row in parallel: the tables cover one batch row.
-fn rotate(x: &[f32], cos: &[f32], sin: &[f32], d: usize, scale: f32, transpose: bool) -> Vec<f32> {
+/// [`rope_rows`] over every batch row (`row` elements) in parallel: the tables cover one batch
+/// row (shared by all) or every batch row (packed rows, each with its own positions).
+fn rotate(
+    x: &[f32],
+    tables: [&[f32]; 2],
+    row: usize,
+    d: usize,
+    scale: f32,
+    transpose: bool,
+) -> Vec<f32> {
+    let [cos, sin] = tables;
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(cos.len())
-        .zip(x.par_chunks(cos.len()))
-        .for_each(|(o, x)| rope_rows(o, x, cos, sin, d, scale, transpose));
+    out.par_chunks_mut(row)
+        .zip(x.par_chunks(row))
+        .enumerate()
+        .for_each(|(b, (o, x))| {
+            let at = b * row % cos.len();
+            let (c, s) = (&cos[at..at + row], &sin[at..at + row]);
+            rope_rows(o, x, c, s, d, scale, transpose)
+        });
     out
 }
 
@@ -213,7 +243,8 @@ impl Backward<Flex, 1> for Rotary {
         let dy = upstream(&ops, grads);
         let (c, s, scale) = &ops.state;
         let d = dy.layout().shape().to_vec();
-        let dx = rotate(elems(&dy), elems(c), elems(s), d[3], *scale, true);
+        let row = d[1] * d[2] * d[3];
+        let dx = rotate(elems(&dy), [elems(c), elems(s)], row, d[3], *scale, true);
         give(&ops, 0, grads, dx, &d);
     }
 }

@@ -7,7 +7,7 @@ use super::{
     rope::{Rope, RopeAt},
 };
 use crate::hf::{Family, ModelConfig, Weight, WeightReader};
-use crate::kernels;
+use crate::kernels::{self, KeyMask};
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{
@@ -24,7 +24,7 @@ const QUERY_BLOCK: usize = 256;
 /// How one forward pass masks attention (always causal), chosen once for all its layers.
 pub enum Mask<B: Backend> {
     /// For the generic path: additive, `[1, seq * keys]` (causal) or `[batch * heads, seq * keys]`
-    /// (padding); `None` when nothing is masked.
+    /// (padding, packed rows); `None` when nothing is masked.
     Additive(Option<Tensor<B, 2>>),
     /// For [`kernels::attention`]: `batch * keys` flags, true where a key is padding.
     Fused(Option<Vec<bool>>),
@@ -36,6 +36,9 @@ pub enum Mask<B: Backend> {
         mask: Option<Tensor<B, 4, Bool>>,
         causal: bool,
     },
+    /// For [`kernels::attention`] on packed rows: per key the index of its sequence's first key
+    /// within the row (`batch * keys`); a query sees its own sequence's keys up to itself.
+    Segments(Vec<usize>),
 }
 
 impl<B: Backend> Mask<B> {
@@ -77,6 +80,25 @@ impl<B: Backend> Mask<B> {
                     .bool_or(padding.expand([batch, 1, seq, keys]))
             }
         };
+        Self::Burn {
+            mask: Some(mask),
+            causal: false,
+        }
+    }
+
+    /// The [`Mask::Burn`] of packed rows of `seq` positions: a query at `i` sees the keys
+    /// `first[i]..=i` of its row (`first` as [`super::Segments::run_starts`]).
+    pub fn burn_segments(first: &[usize], seq: usize, device: &B::Device) -> Self {
+        let batch = first.len() / seq;
+        let masked: Vec<bool> = first
+            .iter()
+            .enumerate()
+            .flat_map(|(q, &from)| (0..seq).map(move |j| !(from..=q % seq).contains(&j)))
+            .collect();
+        let mask = Tensor::<B, 4, Bool>::from_data(
+            TensorData::new(masked, [batch, 1, seq, seq]),
+            device,
+        );
         Self::Burn {
             mask: Some(mask),
             causal: false,
@@ -205,12 +227,18 @@ impl<B: Backend> Attention<B> {
         let mask = match mask {
             Mask::Additive(m) => m.as_ref(),
             Mask::Fused(padding) => {
-                let out = kernels::attention(q, k, v, padding.as_deref())
+                let keys = padding.as_deref().map_or(KeyMask::Causal, KeyMask::Padding);
+                let out = kernels::attention(q, k, v, keys)
                     .expect("Mask::Fused is only chosen where kernels::fused_attention holds");
                 return self.o_proj.forward(out);
             }
             Mask::Burn { mask, causal } => {
                 let out = fused(q, k, v, mask.as_ref(), *causal);
+                return self.o_proj.forward(out);
+            }
+            Mask::Segments(first) => {
+                let out = kernels::attention(q, k, v, KeyMask::Segments(first))
+                    .expect("Mask::Segments is only chosen where kernels::fused_attention holds");
                 return self.o_proj.forward(out);
             }
         };

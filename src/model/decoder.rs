@@ -9,6 +9,7 @@ use super::{
     mlp::Mlp,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
+    segments::Segments,
 };
 use crate::hf::{ModelConfig, Weight, WeightReader};
 use crate::kernels;
@@ -197,6 +198,49 @@ impl<B: Backend> CausalLm<B> {
         self.model.norm.forward(x)
     }
 
+    /// [`CausalLm::hidden`] of packed rows: each sequence of `segments` has its own rotary
+    /// positions from 0 and attends only to itself, so every sequence's hidden states are those
+    /// it would have alone (no cache: training and scoring whole rows).
+    ///
+    /// - `ids`: `[batch, seq]`, `segments` of the same shape
+    pub fn hidden_packed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        rope: &Rope<B>,
+        segments: &Segments,
+    ) -> Tensor<B, 3> {
+        let [batch, seq] = ids.dims();
+        assert_eq!((segments.batch(), segments.seq()), (batch, seq));
+        let attn = &self.model.layers[0].self_attn;
+        let device = ids.device();
+        let positions = segments.positions();
+        let pos = rope.at_positions(
+            &positions,
+            batch,
+            attn.num_heads,
+            attn.num_kv_heads,
+            &device,
+        );
+        let mut x = embedding(self.model.embed_tokens.val(), ids);
+        let first = segments.run_starts();
+        let mask = if kernels::fused_attention::<B>(x.dtype()) {
+            Mask::Segments(first)
+        } else if !B::ad_enabled(&device) {
+            Mask::burn_segments(&first, seq, &device)
+        } else {
+            Mask::Additive(Some(segment_mask::<B>(
+                &first,
+                seq,
+                attn.num_heads,
+                &device,
+            )))
+        };
+        for layer in &self.model.layers {
+            x = layer.forward(x, rope, &pos, &mask, None);
+        }
+        self.model.norm.forward(x)
+    }
+
     /// `[batch, seq, hidden]` -> logits `[batch, seq, vocab_size]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, h] = hidden.dims();
@@ -275,6 +319,36 @@ impl<B: Backend> CausalLm<B> {
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
     }
+}
+
+/// The additive attention mask of packed rows, `[batch * heads, seq * seq]`: 0 where key `j` is
+/// in query `i`'s sequence and not after it (`first[i] <= j <= i`, `first` as
+/// [`Segments::run_starts`]), `-inf` elsewhere.
+fn segment_mask<B: Backend>(
+    first: &[usize],
+    seq: usize,
+    heads: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let batch = first.len() / seq;
+    let mask: Vec<f32> = first
+        .iter()
+        .enumerate()
+        .flat_map(|(q, &from)| {
+            let i = q % seq;
+            (0..seq).map(move |j| {
+                if (from..=i).contains(&j) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::<B, 3>::from_data(TensorData::new(mask, [batch, seq, seq]), device)
+        .unsqueeze_dim::<4>(1)
+        .repeat_dim(1, heads)
+        .reshape([batch * heads, seq * seq])
 }
 
 /// The additive attention mask for queries at `start..start+seq` over keys `0..start+seq`:

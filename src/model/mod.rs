@@ -1,7 +1,7 @@
 //! The decoder architecture (Qwen3, Qwen2, Llama), built from Hugging Face files
 //! ([`crate::hf`]) and running burn's tensor ops, or [`crate::kernels`] where they apply:
 //! decoder stack, attention, MLP, norm, rotary embedding, projections with LoRA adapters, KV
-//! cache, logit chunking, generation.
+//! cache, logit chunking, generation, packed rows (segments).
 
 pub mod adapter;
 pub mod attention;
@@ -15,8 +15,10 @@ pub mod mlp;
 pub mod norm;
 pub mod pretrained;
 pub mod rope;
+pub mod segments;
 
 pub use cache::KvCache;
 pub use decoder::CausalLm;
 pub use pretrained::{Pretrained, Storage};
 pub use rope::Rope;
+pub use segments::Segments;

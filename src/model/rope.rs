@@ -15,7 +15,8 @@ pub struct Rope<B: Backend> {
     rot: Tensor<B, 2>,
 }
 
-/// Tables for one run of positions `start..start+seq`, each `[1, seq * heads * head_dim]`.
+/// Tables for the positions of one forward pass, each `[1, seq * heads * head_dim]` (shared by
+/// every batch row) or `[batch, seq * heads * head_dim]` (packed rows, own positions per row).
 pub struct RopeAt<B: Backend> {
     pub q: (Tensor<B, 2>, Tensor<B, 2>),
     pub k: (Tensor<B, 2>, Tensor<B, 2>),
@@ -49,10 +50,26 @@ impl<B: Backend> Rope<B> {
         kv_heads: usize,
         device: &B::Device,
     ) -> RopeAt<B> {
+        let positions: Vec<usize> = (start..start + seq).collect();
+        self.at_positions(&positions, 1, q_heads, kv_heads, device)
+    }
+
+    /// cos/sin for `batch` rows of positions (`positions`: `batch * seq`, row-major; packed rows
+    /// restart at 0 with every sequence), tiled for `q_heads` and `kv_heads`: each table is
+    /// `[batch, seq * heads * head_dim]`.
+    pub fn at_positions(
+        &self,
+        positions: &[usize],
+        batch: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        device: &B::Device,
+    ) -> RopeAt<B> {
         let d = self.head_dim;
-        let mut cos = Vec::with_capacity(seq * d);
-        let mut sin = Vec::with_capacity(seq * d);
-        for p in start..start + seq {
+        let rows = positions.len();
+        let mut cos = Vec::with_capacity(rows * d);
+        let mut sin = Vec::with_capacity(rows * d);
+        for &p in positions {
             for _half in 0..2 {
                 for f in &self.inv_freq {
                     // The angle is rounded to f32 as transformers' f32 matmul does.
@@ -63,13 +80,14 @@ impl<B: Backend> Rope<B> {
             }
         }
         let tile = |table: &[f32], heads: usize| -> Tensor<B, 2> {
-            let mut out = Vec::with_capacity(seq * heads * d);
+            let mut out = Vec::with_capacity(rows * heads * d);
             for row in table.chunks_exact(d) {
                 for _ in 0..heads {
                     out.extend_from_slice(row);
                 }
             }
-            Tensor::from_data(TensorData::new(out, [1, seq * heads * d]), device)
+            let per_row = rows / batch.max(1) * heads * d;
+            Tensor::from_data(TensorData::new(out, [batch, per_row]), device)
         };
         RopeAt {
             q: (tile(&cos, q_heads), tile(&sin, q_heads)),
@@ -77,8 +95,8 @@ impl<B: Backend> Rope<B> {
         }
     }
 
-    /// Rotates `x` of shape `[batch, seq, heads, head_dim]` with `(cos, sin)` from [`Rope::at`],
-    /// times `scale`.
+    /// Rotates `x` of shape `[batch, seq, heads, head_dim]` with `(cos, sin)` from [`Rope::at`]
+    /// or [`Rope::at_positions`], times `scale`.
     pub fn apply(
         &self,
         x: Tensor<B, 4>,
@@ -102,5 +120,23 @@ impl<B: Backend> Rope<B> {
         } else {
             y.mul_scalar(scale)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn packed_rows_get_the_tables_of_their_own_positions() {
+        let device = Default::default();
+        let rope = Rope::<Flex>::new(8, 10_000.0, &device);
+        let table = |t: &RopeAt<Flex>| -> Vec<f32> { t.q.1.clone().into_data().to_vec().unwrap() };
+        // Two rows: positions 5, 6 then a sequence restarting at 0, 1.
+        let packed = table(&rope.at_positions(&[5, 6, 0, 1], 2, 3, 1, &device));
+        let first = table(&rope.at(5, 2, 3, 1, &device));
+        let second = table(&rope.at(0, 2, 3, 1, &device));
+        assert_eq!(packed, [first, second].concat());
     }
 }

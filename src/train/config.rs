@@ -26,6 +26,8 @@ pub struct DistillConfig {
     #[serde(default)]
     pub lora: LoraSettings,
     #[serde(default)]
+    pub teacher: TeacherSection,
+    #[serde(default)]
     pub loss: KdLoss,
     #[serde(default)]
     pub optim: OptimSection,
@@ -52,6 +54,14 @@ impl Default for CheckpointSection {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSection {
+    /// A `laco-train teacher-cache` directory: train top_k_forward_kl from the teacher's stored
+    /// top-k log-probabilities instead of running it every step.
+    pub cache: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -71,12 +81,14 @@ pub struct OptimSection {
     pub min_lr_ratio: f64,
     /// Global gradient-norm clip; 0 disables it.
     pub grad_clip: f64,
-    /// Sequences per micro-batch.
+    /// Rows per micro-batch: sequences, or with data.packing rows of up to max_seq_len tokens
+    /// (several sequences each).
     pub batch_size: usize,
     pub grad_accum: usize,
     pub max_steps: usize,
     /// Passes over the data (all files' sequences); when set, it decides the number of steps
-    /// instead of max_steps.
+    /// instead of max_steps: the steps whose batches draw that many times as many sequences
+    /// as all files hold (with packing, counted by packing the draw order).
     pub epochs: Option<f64>,
     /// Train through burn's `BalancedCheckpointing`: the student's elementwise and layout ops
     /// are recomputed in the backward pass instead of kept (less memory, a little more compute).
@@ -183,6 +195,9 @@ impl DistillConfig {
         if let Some(m) = cfg.output.mmlu_data.as_mut() {
             abs(m);
         }
+        if let Some(c) = cfg.teacher.cache.as_mut() {
+            abs(c);
+        }
         if let Some(c) = cfg.laco.calibration.as_mut() {
             abs(c);
         }
@@ -236,13 +251,13 @@ impl DistillConfig {
         Ok(())
     }
 
-    /// With `optim.epochs`, the steps that pass over `sequences` training sequences that many
-    /// times become `optim.max_steps`.
-    pub fn resolve_epochs(&mut self, sequences: usize) {
+    /// With `optim.epochs`, `steps(epochs, batch_size, grad_accum)` (the data's count of the
+    /// steps that draw all its sequences that many times, see
+    /// [`crate::data::mixture::Mixture::steps_for`]) becomes `optim.max_steps`.
+    pub fn resolve_epochs(&mut self, steps: impl FnOnce(f64, usize, usize) -> usize) {
         let o = &mut self.optim;
         if let Some(epochs) = o.epochs {
-            let per_step = (o.batch_size * o.grad_accum) as f64;
-            o.max_steps = ((epochs * sequences as f64) / per_step).ceil().max(1.0) as usize;
+            o.max_steps = steps(epochs, o.batch_size, o.grad_accum).max(1);
         }
     }
 }
@@ -265,8 +280,11 @@ mod tests {
         assert!(cfg.model.base.join("config.json").exists());
         assert!(cfg.data.files.iter().all(|f| f.exists()));
         cfg.optim.epochs = Some(2.0);
-        cfg.resolve_epochs(1000);
-        // 2 x 1000 sequences, 8 per step.
+        // The data counts the steps (tests/it/packing.rs checks its count) of 8 rows.
+        cfg.resolve_epochs(|epochs, rows, accum| {
+            assert_eq!((epochs, rows, accum), (2.0, 8, 1));
+            250
+        });
         assert_eq!(cfg.optim.max_steps, 250);
     }
 }

@@ -11,17 +11,19 @@ use crate::data::batch::Batch;
 use crate::eval::ppl::token_nll;
 use crate::kernels;
 use crate::model::chunk::{predicting_rows, row_chunks, rows_per_chunk};
-use crate::model::{CausalLm, Pretrained, Rope};
+use crate::model::{CausalLm, Pretrained, Rope, Segments};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{
-    activation::log_softmax, backend::Backend, DType, ElementConversion, Int, Tensor,
+    activation::log_softmax, backend::Backend, Bool, DType, ElementConversion, Int, Tensor,
+    TensorData,
 };
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 /// Which divergence the KD term uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Divergence {
     /// KL(teacher || student): the student covers the teacher's mass (the usual KD loss).
     ForwardKl,
@@ -78,25 +80,44 @@ impl<B: Backend> LossSums<B> {
     }
 }
 
+/// The teacher's side of a chunk of rows.
+pub enum TeacherRows<B: Backend> {
+    /// Its logits `[rows, vocab]`.
+    Logits(Tensor<B, 2>),
+    /// Its k most likely tokens `[rows, k]` and their log-probabilities `[rows, k]` (from its
+    /// logits, or from a teacher cache): what `top_k_forward_kl` reads.
+    TopK {
+        ids: Tensor<B, 2, Int>,
+        logprobs: Tensor<B, 2>,
+    },
+}
+
+impl<B: Backend> From<Tensor<B, 2>> for TeacherRows<B> {
+    fn from(logits: Tensor<B, 2>) -> Self {
+        Self::Logits(logits)
+    }
+}
+
 /// The one chunk driver: for each range of `chunk_rows` rows (see
-/// [`crate::model::chunk::rows_per_chunk`]), `logits(range)` gives `(student, teacher)` logits
-/// `[rows, vocab]` of those rows, and their KD and CE sums are accumulated. Every row counts:
-/// positions whose label is -100 are left out before (see [`crate::data::batch::Batch::rows`]).
+/// [`crate::model::chunk::rows_per_chunk`]), `logits(range)` gives the student's logits
+/// `[rows, vocab]` of those rows and the teacher's (logits, or [`TeacherRows::TopK`]), and
+/// their KD and CE sums are accumulated. Every row counts: positions whose label is -100 are
+/// left out before (see [`crate::data::batch::Batch::rows`]).
 ///
 /// - `targets`: `[rows]` next-token ids
-pub fn chunked_kd<B: Backend>(
+pub fn chunked_kd<B: Backend, T: Into<TeacherRows<B>>>(
     chunk_rows: usize,
     targets: Tensor<B, 1, Int>,
     cfg: &KdLoss,
-    mut logits: impl FnMut(Range<usize>) -> (Tensor<B, 2>, Tensor<B, 2>),
+    mut logits: impl FnMut(Range<usize>) -> (Tensor<B, 2>, T),
 ) -> LossSums<B> {
     let rows = targets.dims()[0];
     let mut total: Option<LossSums<B>> = None;
     for r in row_chunks(rows, chunk_rows) {
         let (student, teacher) = logits(r.clone());
         let targets = targets.clone().slice(r);
-        let sums = fused_chunk_sums(&student, &teacher, &targets, cfg)
-            .unwrap_or_else(|| chunk_sums(student, teacher, targets, cfg));
+        let sums = fused_chunk_sums(&student, teacher.into(), &targets, cfg)
+            .unwrap_or_else(|teacher| chunk_sums(student, teacher, targets, cfg));
         total = Some(match total {
             Some(t) => t.add(sums),
             None => sums,
@@ -105,47 +126,55 @@ pub fn chunked_kd<B: Backend>(
     total.expect("at least one row")
 }
 
-/// [`kernels::kd_ce_sums`] where it runs (forward and reverse KL on the CPU).
+/// [`kernels::kd_ce_sums`] or [`kernels::top_k_kd_ce_sums`] where they run (on the CPU);
+/// otherwise the teacher's rows back.
 fn fused_chunk_sums<B: Backend>(
     student: &Tensor<B, 2>,
-    teacher: &Tensor<B, 2>,
+    teacher: TeacherRows<B>,
     targets: &Tensor<B, 1, Int>,
     cfg: &KdLoss,
-) -> Option<LossSums<B>> {
-    let reverse = match cfg.divergence {
-        Divergence::ForwardKl => false,
-        Divergence::ReverseKl => true,
-        Divergence::TopKForwardKl => return None,
+) -> Result<LossSums<B>, TeacherRows<B>> {
+    let t = cfg.temperature;
+    let fused = match (&teacher, cfg.divergence) {
+        (TeacherRows::TopK { ids, logprobs }, _) => {
+            kernels::top_k_kd_ce_sums(student, ids, logprobs, targets, t)
+        }
+        (TeacherRows::Logits(_), Divergence::TopKForwardKl) => None,
+        (TeacherRows::Logits(teacher), d) => {
+            kernels::kd_ce_sums(student, teacher, targets, t, d == Divergence::ReverseKl)
+        }
     };
-    let (kd, ce) = kernels::kd_ce_sums(student, teacher, targets, cfg.temperature, reverse)?;
-    Some(LossSums { kd, ce })
+    match fused {
+        Some((kd, ce)) => Ok(LossSums { kd, ce }),
+        None => Err(teacher),
+    }
 }
 
-/// KD and CE sums of one chunk in f32, with burn's generic ops (any backend, every divergence).
+/// KD and CE sums of one chunk in f32, with burn's generic ops (any backend, every divergence;
+/// a [`TeacherRows::TopK`] teacher is read as `top_k_forward_kl`).
 pub fn chunk_sums<B: Backend>(
     student: Tensor<B, 2>,
-    teacher: Tensor<B, 2>,
+    teacher: impl Into<TeacherRows<B>>,
     targets: Tensor<B, 1, Int>,
     cfg: &KdLoss,
 ) -> LossSums<B> {
     let student = student.cast(DType::F32);
-    let teacher = teacher.cast(DType::F32);
     let n = student.dims()[0];
     let t = cfg.temperature;
     let ls = log_softmax(student.clone().div_scalar(t), 1);
-    let per_row = match cfg.divergence {
-        Divergence::ForwardKl => {
-            let lt = log_softmax(teacher.div_scalar(t), 1);
+    let per_row = match (teacher.into(), cfg.divergence) {
+        (TeacherRows::TopK { ids, logprobs }, _) => top_k_kl_rows(ls, logprobs, ids, t),
+        (TeacherRows::Logits(teacher), Divergence::TopKForwardKl) => {
+            let (values, ids) = teacher.cast(DType::F32).topk_with_indices(cfg.top_k, 1);
+            top_k_kl_rows(ls, values, ids, t)
+        }
+        (TeacherRows::Logits(teacher), Divergence::ForwardKl) => {
+            let lt = log_softmax(teacher.cast(DType::F32).div_scalar(t), 1);
             (lt.clone().exp() * (lt - ls)).sum_dim(1)
         }
-        Divergence::ReverseKl => {
-            let lt = log_softmax(teacher.div_scalar(t), 1);
+        (TeacherRows::Logits(teacher), Divergence::ReverseKl) => {
+            let lt = log_softmax(teacher.cast(DType::F32).div_scalar(t), 1);
             (ls.clone().exp() * (ls - lt)).sum_dim(1)
-        }
-        Divergence::TopKForwardKl => {
-            let (values, ids) = teacher.topk_with_indices(cfg.top_k, 1);
-            let lt = log_softmax(values.div_scalar(t), 1);
-            (lt.clone().exp() * (lt - ls.gather(1, ids))).sum_dim(1)
         }
     };
     let kd = per_row.reshape([n]).sum().mul_scalar(t * t);
@@ -153,8 +182,42 @@ pub fn chunk_sums<B: Backend>(
     LossSums { kd, ce }
 }
 
+/// Per row `[rows, 1]`: KL(q || p_s) with q the softmax of the teacher's top-k `values / T`
+/// (logits or log-probabilities: any constant per row cancels) at `ids`, and `ls` the student's
+/// log-probabilities at temperature T.
+fn top_k_kl_rows<B: Backend>(
+    ls: Tensor<B, 2>,
+    values: Tensor<B, 2>,
+    ids: Tensor<B, 2, Int>,
+    t: f64,
+) -> Tensor<B, 2> {
+    let lt = log_softmax(values.cast(DType::F32).div_scalar(t), 1);
+    (lt.clone().exp() * (lt - ls.gather(1, ids))).sum_dim(1)
+}
+
+/// The teacher's `k` most likely tokens of each row of its `logits` `[rows, vocab]` and their
+/// log-probabilities, most likely first: `([rows, k] ids, [rows, k] log-probabilities)`.
+pub fn teacher_top_k<B: Backend>(
+    logits: Tensor<B, 2>,
+    k: usize,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+    let [rows, vocab] = logits.dims();
+    let k = k.min(vocab);
+    let device = logits.device();
+    if let Some((ids, logprobs)) = kernels::top_k_logprobs(&logits, k) {
+        let ids: Vec<i32> = ids.into_iter().map(|i| i as i32).collect();
+        return (
+            Tensor::from_data(TensorData::new(ids, [rows, k]), &device),
+            Tensor::from_data(TensorData::new(logprobs, [rows, k]), &device),
+        );
+    }
+    let (logprobs, ids) = log_softmax(logits.cast(DType::F32), 1).topk_with_indices(k, 1);
+    (ids, logprobs)
+}
+
 /// Both forwards and the chunked loss of one micro-batch: `(loss to backpropagate, kd, ce)`,
-/// the loss already divided by the step's `count`.
+/// the loss already divided by the step's `count`. With `top_k_forward_kl` the teacher's
+/// logits are reduced to their top-k first, as a teacher cache stores them.
 pub fn loss_step<B: AutodiffBackend>(
     lm: &CausalLm<B>,
     rope: &Rope<B>,
@@ -163,29 +226,99 @@ pub fn loss_step<B: AutodiffBackend>(
     loss: &KdLoss,
     count: usize,
 ) -> (Tensor<B, 1>, f64, f64) {
-    // Only the counted positions reach the lm_head and the loss.
-    let hidden =
-        predicting_rows(lm.hidden(batch.ids.clone(), rope, batch.padding.as_ref(), None, None))
-            .select(0, batch.rows.clone());
     let t_padding = batch.padding.clone().map(|p| p.inner());
-    let t_hidden = teacher.lm.hidden(
-        batch.ids.clone().inner(),
+    let t_hidden = counted_hidden(
+        &teacher.lm,
         &teacher.rope,
+        batch.ids.clone().inner(),
         t_padding.as_ref(),
-        None,
-        None,
+        batch.segments.as_ref(),
+        batch.rows.clone().inner(),
     );
-    let t_hidden = predicting_rows(t_hidden).select(0, batch.rows.clone().inner());
-    let chunk = rows_per_chunk(teacher.config.vocab_size);
+    student_step(lm, rope, batch, loss, count, |r| {
+        let logits = teacher.lm.logits_2d(t_hidden.clone().slice(r));
+        if loss.divergence == Divergence::TopKForwardKl {
+            let (ids, logprobs) = teacher_top_k(logits, loss.top_k);
+            TeacherRows::TopK {
+                ids: Tensor::from_inner(ids),
+                logprobs: Tensor::from_inner(logprobs),
+            }
+        } else {
+            TeacherRows::Logits(Tensor::from_inner(logits))
+        }
+    })
+}
+
+/// [`loss_step`] without the teacher: its top-k `ids` and `logprobs` (`[count, k]`, the
+/// batch's counted rows in order) come from a teacher cache.
+pub fn loss_step_cached<B: AutodiffBackend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    ids: Tensor<B, 2, Int>,
+    logprobs: Tensor<B, 2>,
+    batch: &Batch<B>,
+    loss: &KdLoss,
+    count: usize,
+) -> (Tensor<B, 1>, f64, f64) {
+    student_step(lm, rope, batch, loss, count, |r| TeacherRows::TopK {
+        ids: ids.clone().slice(r.clone()),
+        logprobs: logprobs.clone().slice(r),
+    })
+}
+
+/// The student's forward pass and the chunked loss against `teacher(rows)`.
+fn student_step<B: AutodiffBackend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    batch: &Batch<B>,
+    loss: &KdLoss,
+    count: usize,
+    mut teacher: impl FnMut(Range<usize>) -> TeacherRows<B>,
+) -> (Tensor<B, 1>, f64, f64) {
+    // Only the counted positions reach the lm_head and the loss.
+    let hidden = batch_hidden(lm, rope, batch);
+    let chunk = rows_per_chunk(lm.model.embed_tokens.dims()[0]);
     let sums = chunked_kd(chunk, batch.targets.clone(), loss, |r| {
         let student = lm.logits_2d(hidden.clone().slice(r.clone()));
-        let teacher = Tensor::from_inner(teacher.lm.logits_2d(t_hidden.clone().slice(r)));
-        (student, teacher)
+        (student, teacher(r))
     });
     let (loss, kd, ce) = sums.means(count, loss);
     (
         loss,
         kd.into_scalar().elem::<f64>(),
         ce.into_scalar().elem::<f64>(),
+    )
+}
+
+/// The final hidden states `[count, hidden]` at a batch's counted positions (`rows`) of its
+/// `[batch, seq]` ids: right-padded rows, or packed rows (`segments`).
+pub fn counted_hidden<B: Backend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    ids: Tensor<B, 2, Int>,
+    padding: Option<&Tensor<B, 2, Bool>>,
+    segments: Option<&Segments>,
+    rows: Tensor<B, 1, Int>,
+) -> Tensor<B, 2> {
+    let hidden = match segments {
+        Some(s) => lm.hidden_packed(ids, rope, s),
+        None => lm.hidden(ids, rope, padding, None, None),
+    };
+    predicting_rows(hidden).select(0, rows)
+}
+
+/// [`counted_hidden`] of a batch on the model's own backend.
+pub fn batch_hidden<B: Backend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    batch: &Batch<B>,
+) -> Tensor<B, 2> {
+    counted_hidden(
+        lm,
+        rope,
+        batch.ids.clone(),
+        batch.padding.as_ref(),
+        batch.segments.as_ref(),
+        batch.rows.clone(),
     )
 }

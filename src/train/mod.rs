@@ -10,3 +10,4 @@ pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod recipe;
+pub mod teacher_cache;

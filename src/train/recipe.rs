@@ -9,9 +9,9 @@
 use super::checkpoint::{self, State};
 use super::config::DistillConfig;
 use super::evaluate::{Baseline, HeldOut};
-use super::loss::loss_step;
 use super::metrics::Metrics;
 use super::optim::{adamw, clip_global_norm, lr_at, throughput, Optim};
+use super::teacher_cache::{self, Teacher, TeacherCache};
 use crate::data::batch::Batch;
 use crate::data::mixture::Mixture;
 use crate::device::GpuMemory;
@@ -55,6 +55,8 @@ pub struct Summary {
     /// boxed to keep [`Outcome`]'s variants of similar size).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_memory: Option<Box<GpuMemory>>,
+    /// The share of the positions of this process's training batches that were padding.
+    pub padding_fraction: f64,
 }
 
 /// Where and how a run goes, beyond its config.
@@ -92,7 +94,7 @@ struct Recipe<'a, B: AutodiffBackend> {
     cfg: DistillConfig,
     run: &'a Run,
     device: B::Device,
-    teacher: Pretrained<B::InnerBackend>,
+    teacher: Teacher<B>,
     /// The frozen student's rotary tables, and the same for evaluating on the inner backend.
     rope: Rope<B>,
     eval_rope: Rope<B::InnerBackend>,
@@ -110,6 +112,8 @@ struct Recipe<'a, B: AutodiffBackend> {
     final_loss: f64,
     step_times: Vec<(usize, f64)>,
     gpu_memory: Option<GpuMemory>,
+    /// Padding positions of this process's batches.
+    padded: usize,
     saved_at: Option<PathBuf>,
     bar: ProgressBar,
 }
@@ -141,10 +145,19 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             Some(dir) => Some((dir.clone(), checkpoint::load_matching(dir, &fingerprint)?)),
             None => None,
         };
+        // The teacher cache, which must match the teacher, the data and its tokenizer.
+        let cache = match &cfg.teacher.cache {
+            Some(dir) => {
+                let tokenizer = run.student.join("tokenizer.json");
+                let fingerprint = teacher_cache::fingerprint(cfg, &run.teacher, &tokenizer)?;
+                Some(TeacherCache::open(dir, &fingerprint, &cfg.loss)?)
+            }
+            None => None,
+        };
         // 3. Data: depends on the student's tokenizer; epochs turn into steps once it is read.
         let mut data = Mixture::load(&cfg.data, &student.tokenizer)?;
         let mut cfg = cfg.clone();
-        cfg.resolve_epochs(data.sequences());
+        cfg.resolve_epochs(|epochs, rows, accum| data.steps_for(epochs, rows, accum));
         // 4. Adapters and optimiser. The backend's generator is seeded so adapter
         //    initialisation (and, per step, dropout) is reproducible.
         B::seed(device, cfg.data.seed);
@@ -187,6 +200,11 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             }
         };
         baseline.print();
+        // With a cache the teacher's work is done: it was needed for the baseline only.
+        let teacher = match cache {
+            Some(cache) => Teacher::Cache(cache),
+            None => Teacher::Model(Box::new(teacher)),
+        };
         let bar = progress_bar("distill");
         bar.set_length(cfg.optim.max_steps as u64);
         bar.set_position(step as u64);
@@ -208,6 +226,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             final_loss,
             step_times: Vec::new(),
             gpu_memory: None,
+            padded: 0,
             saved_at: run.resume.clone(),
             bar,
             cfg,
@@ -227,7 +246,8 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             let micro: Vec<Batch<B>> = (0..o.grad_accum)
                 .map(|_| self.data.batch(o.batch_size, &self.device))
                 .collect();
-            let (mut grads, [loss, kd, ce], tokens) = self.accumulate(&micro);
+            self.padded += micro.iter().map(Batch::padded_positions).sum::<usize>();
+            let (mut grads, [loss, kd, ce], tokens) = self.accumulate(&micro)?;
             let grad_norm = clip_global_norm(&self.lm, &mut grads, o.grad_clip);
             if !(loss.is_finite() && grad_norm.is_finite()) {
                 self.bar.finish_and_clear();
@@ -286,19 +306,14 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
     /// Every micro-batch's loss step and backward pass, accumulated: the step's gradients, its
     /// (loss, kd, ce) and its training tokens. Accumulation weighs every counted token equally:
     /// each micro-batch's sums are divided by the whole step's count.
-    fn accumulate(&self, micro: &[Batch<B>]) -> (GradientsParams, [f64; 3], usize) {
+    fn accumulate(&self, micro: &[Batch<B>]) -> Result<(GradientsParams, [f64; 3], usize)> {
         let count: usize = micro.iter().map(|b| b.count).sum();
         let mut acc = GradientsAccumulator::new();
         let (mut sums, mut tokens) = ([0.0; 3], 0);
         for batch in micro {
-            let (loss, kd, ce) = loss_step(
-                &self.lm,
-                &self.rope,
-                &self.teacher,
-                batch,
-                &self.cfg.loss,
-                count,
-            );
+            let (loss, kd, ce) =
+                self.teacher
+                    .loss_step(&self.lm, &self.rope, batch, &self.cfg.loss, count)?;
             sums[0] += loss.clone().into_scalar().elem::<f64>();
             // The forward passes are done and the graph holds every activation: the step's
             // peak, as near as sampling gets.
@@ -309,7 +324,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             acc.accumulate(&self.lm, grads);
             tokens += batch.tokens;
         }
-        (acc.grads(), sums, tokens)
+        Ok((acc.grads(), sums, tokens))
     }
 
     /// The periodic held-out evaluation, every `eval_every` steps before the last.
@@ -421,6 +436,10 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             mmlu_pruned: mmlu_acc(&mmlu_student),
             mmlu_recovered: mmlu_acc(&mmlu_recovered),
             tokens_per_sec: throughput(&self.step_times),
+            padding_fraction: {
+                let tokens: usize = self.step_times.iter().map(|(t, _)| t).sum();
+                self.padded as f64 / (tokens + self.padded).max(1) as f64
+            },
             step_times: self.step_times,
             gpu_memory: self.gpu_memory.map(Box::new),
         })

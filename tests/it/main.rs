@@ -14,9 +14,11 @@ mod hardening;
 mod kd;
 mod layout;
 mod lora;
+mod packing;
 mod parity;
 mod prune;
 mod resume;
+mod teacher_cache;
 mod tokenizer;
 mod train_kernels;
 #[cfg(feature = "wgpu")]
