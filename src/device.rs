@@ -23,7 +23,8 @@ impl FromStr for DeviceChoice {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
+            // Under a launcher, each rank its own device: cuda:{local rank}.
+            "cuda" => Ok(Self::Cuda(crate::dist::default_cuda_ordinal())),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
                 _ => bail!("--device: \"{s}\" is not cpu, cuda or cuda:N"),
@@ -63,7 +64,10 @@ pub fn dispatch<J: Job>(device: DeviceChoice, precision: Precision, job: J) -> R
     match device {
         DeviceChoice::Cpu => run_on::<Cpu, J>(Default::default(), dtype, job),
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(n) => run_on::<Gpu, J>(burn::backend::cuda::CudaDevice::new(n), dtype, job),
+        DeviceChoice::Cuda(n) => {
+            crate::dist::use_cuda_device(n);
+            run_on::<Gpu, J>(burn::backend::cuda::CudaDevice::new(n), dtype, job)
+        }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => bail!(
             "--device cuda: this binary was built without CUDA; rebuild with `cargo build --release --features cuda`"

@@ -6,11 +6,12 @@
 //! - `train` (the distillation recipe), `prune` (LaCo), `eval` (perplexity, MMLU, zero-shot)
 //! - `data` (Parquet instruction data, batches), `model` (the decoder architecture)
 //! - `hf` (Hugging Face file formats), `kernels` (CPU kernels on Flex), `device` (backends),
-//!   `util` (atomic writes, progress bars)
+//!   `dist` (ranks of a launched job, their collectives), `util` (atomic writes, progress bars)
 
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod hf;
 pub mod kernels;

@@ -12,9 +12,13 @@ fn main() {
     // SAFETY: sets a global allocator option; no allocation is in flight across this call.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = laco_train::cli::Cli::parse();
-    if let Err(e) = laco_train::cli::run(cli) {
-        // One line for the user: the error and its causes, no backtrace.
+    // One line for the user: the error and its causes, no backtrace (and under mpirun or srun,
+    // the rank, and every rank stopped).
+    let session = laco_train::dist::init().unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(1)
+    });
+    if let Err(e) = laco_train::cli::run(cli) {
+        session.fail(&e);
     }
 }

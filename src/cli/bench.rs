@@ -48,7 +48,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.warmup
         );
     }
-    let scratch = std::env::temp_dir().join(format!("laco-train-bench-{}", std::process::id()));
+    // Under mpirun or srun, every rank uses rank 0's scratch directory (where rank 0 prunes).
+    let world = crate::dist::world();
+    let id = world.broadcast(std::process::id().into());
+    let scratch = std::env::temp_dir().join(format!("laco-train-bench-{id}"));
     let out = args.out.clone().unwrap_or_else(|| scratch.clone());
     let distill = DistillArgs {
         config: args.config.clone(),
@@ -68,7 +71,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let seq = job.cfg.data.max_seq_len;
     let started = std::time::Instant::now();
     let outcome = dispatch(args.common.device, args.common.dtype, job);
-    let _ = std::fs::remove_dir_all(&scratch);
+    if world.is_root() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     let Outcome::Finished(summary) = outcome? else {
         bail!("the benchmark was interrupted");
     };

@@ -111,7 +111,8 @@ pub(super) fn job(args: DistillArgs) -> Result<DistillJob> {
                 .student
                 .clone()
                 .unwrap_or_else(|| run_dir.join("student"));
-            load_matching(&dir, &fingerprint(&cfg, &teacher, &student)?)?;
+            let world_size = crate::dist::world().size;
+            load_matching(&dir, &fingerprint(&cfg, &teacher, &student)?, world_size)?;
             Some(dir)
         }
         None => None,

@@ -188,11 +188,12 @@ impl DistillConfig {
     }
 
     /// With `optim.epochs`, the steps that pass over `sequences` training sequences that many
-    /// times become `optim.max_steps`.
-    pub fn resolve_epochs(&mut self, sequences: usize) {
+    /// times become `optim.max_steps` (a step takes `grad_accum` micro-batches on each of
+    /// `ranks` processes).
+    pub fn resolve_epochs(&mut self, sequences: usize, ranks: usize) {
         let o = &mut self.optim;
         if let Some(epochs) = o.epochs {
-            let per_step = (o.batch_size * o.grad_accum) as f64;
+            let per_step = (o.batch_size * o.grad_accum * ranks) as f64;
             o.max_steps = ((epochs * sequences as f64) / per_step).ceil().max(1.0) as usize;
         }
     }
@@ -216,7 +217,7 @@ mod tests {
         assert!(cfg.model.base.join("config.json").exists());
         assert!(cfg.data.files.iter().all(|f| f.exists()));
         cfg.optim.epochs = Some(2.0);
-        cfg.resolve_epochs(1000);
+        cfg.resolve_epochs(1000, 1);
         // 2 x 1000 sequences, 8 per step.
         assert_eq!(cfg.optim.max_steps, 250);
     }

@@ -8,4 +8,5 @@ pub mod job;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod recipe;

@@ -4,7 +4,8 @@
 //! RUN_DIR/eval.json, the PEFT adapter). The pruned student is frozen and learns, through fresh
 //! LoRA adapters, the teacher's next-token distributions on instruction data. The components
 //! are beside it: config, loss, optim (AdamW, schedule, clipping), checkpoint (resume state),
-//! metrics (metrics.jsonl and TensorBoard), evaluate (held-out perplexity and MMLU).
+//! metrics (metrics.jsonl and TensorBoard), evaluate (held-out perplexity and MMLU), parallel
+//! (the ranks of a data-parallel run: their share of a step, the sum of their gradients).
 
 use super::checkpoint::{self, State};
 use super::config::DistillConfig;
@@ -12,8 +13,10 @@ use super::evaluate::{Baseline, HeldOut};
 use super::loss::loss_step;
 use super::metrics::Metrics;
 use super::optim::{adamw, clip_global_norm, lr_at, throughput, Optim};
+use super::parallel::{micro_batch_seed, sum_gradients};
 use crate::data::batch::Batch;
 use crate::data::mixture::Mixture;
+use crate::dist::World;
 use crate::eval::mmlu::Report;
 use crate::model::lora::{attach_new, save_adapter};
 use crate::model::{CausalLm, Pretrained, Rope};
@@ -86,6 +89,8 @@ struct Recipe<'a, B: AutodiffBackend> {
     cfg: DistillConfig,
     run: &'a Run,
     device: B::Device,
+    /// This process among the ranks of a data-parallel run (rank 0 of 1 otherwise).
+    world: World,
     teacher: Pretrained<B::InnerBackend>,
     /// The frozen student's rotary tables, and the same for evaluating on the inner backend.
     rope: Rope<B>,
@@ -105,10 +110,13 @@ struct Recipe<'a, B: AutodiffBackend> {
     step_times: Vec<(usize, f64)>,
     saved_at: Option<PathBuf>,
     bar: ProgressBar,
+    /// Whether any rank was asked to stop (data-parallel runs: the ranks stop together).
+    ranks_stop: bool,
 }
 
 impl<'a, B: AutodiffBackend> Recipe<'a, B> {
     fn setup(cfg: &DistillConfig, run: &'a Run, device: &B::Device) -> Result<Self> {
+        let world = crate::dist::world();
         // 1. Models. The teacher runs on the inner backend: no graph, no gradients.
         let teacher = Pretrained::<B::InnerBackend>::load(&run.teacher, device)?;
         let student = Pretrained::<B>::load(&run.student, device)?;
@@ -126,20 +134,28 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         std::fs::create_dir_all(&checkpoints)
             .with_context(|| format!("{}: cannot create", checkpoints.display()))?;
         let resumed = match &run.resume {
-            Some(dir) => Some((dir.clone(), checkpoint::load_matching(dir, &fingerprint)?)),
+            Some(dir) => Some((
+                dir.clone(),
+                checkpoint::load_matching(dir, &fingerprint, world.size)?,
+            )),
             None => None,
         };
         // 3. Data: depends on the student's tokenizer; epochs turn into steps once it is read.
         let mut data = Mixture::load(&cfg.data, &student.tokenizer)?;
         let mut cfg = cfg.clone();
-        cfg.resolve_epochs(data.sequences());
+        cfg.resolve_epochs(data.sequences(), world.size);
         // 4. Adapters and optimiser. The backend's generator is seeded so adapter
         //    initialisation (and, per step, dropout) is reproducible.
         B::seed(device, cfg.data.seed);
         let mut lm = attach_new(student.lm.clone(), &cfg.lora, device);
         let mut optim = adamw::<B>(&cfg.optim);
         // 5. Held-out evaluation, on the student's tokenizer.
-        let held_out = HeldOut::load(&cfg.output, &student.tokenizer, student.config.max_length)?;
+        let held_out = HeldOut::load(
+            &cfg.output,
+            &student.tokenizer,
+            student.config.max_length,
+            world,
+        )?;
         let eval_rope = Rope::<B::InnerBackend>::new(
             student.config.head_dim,
             student.config.rope_theta,
@@ -152,7 +168,12 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 data.seek(&state.data)
                     .map_err(|e| anyhow::anyhow!("--resume {}: {e}", dir.display()))?;
                 optim = optim.load_record(checkpoint::restore(&dir, &state, &mut lm, device)?);
-                let metrics = Metrics::resume(&run.run_dir, &dir, state.step)?;
+                // Rank 0 alone writes the run's files.
+                let metrics = if world.is_root() {
+                    Metrics::resume(&run.run_dir, &dir, state.step)?
+                } else {
+                    Metrics::discard()
+                };
                 eprintln!("resuming from {} (step {})", dir.display(), state.step);
                 (
                     state.step,
@@ -169,7 +190,11 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                     mmlu_teacher: held_out.mmlu(&teacher.lm, &teacher.rope)?,
                     mmlu_student: held_out.mmlu(&lm.valid(), &eval_rope)?,
                 };
-                let mut metrics = Metrics::start(&run.run_dir)?;
+                let mut metrics = if world.is_root() {
+                    Metrics::start(&run.run_dir)?
+                } else {
+                    Metrics::discard()
+                };
                 metrics.eval(0, baseline.ppl_student, baseline.mmlu_student.as_ref());
                 (0, 0, f64::NAN, baseline, metrics)
             }
@@ -181,6 +206,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         Ok(Self {
             run,
             device: device.clone(),
+            world,
             teacher,
             rope: student.rope,
             eval_rope,
@@ -197,6 +223,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             step_times: Vec::new(),
             saved_at: run.resume.clone(),
             bar,
+            ranks_stop: false,
             cfg,
         })
     }
@@ -209,12 +236,13 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             // Dropout masks depend on the step alone, so a resumed run draws the same ones.
             let seed =
                 self.cfg.data.seed ^ (self.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            B::seed(&self.device, seed);
             let lr = lr_at(&o, self.step);
-            let micro: Vec<Batch<B>> = (0..o.grad_accum)
+            // The step's micro-batches in the one order of the data, every rank's included.
+            let micro: Vec<Batch<B>> = (0..o.grad_accum * self.world.size)
                 .map(|_| self.data.batch(o.batch_size, &self.device))
                 .collect();
-            let (mut grads, [loss, kd, ce], tokens) = self.accumulate(&micro);
+            let (grads, sums, tokens) = self.accumulate(&micro, seed);
+            let (mut grads, [loss, kd, ce]) = self.sum_over_ranks(grads, sums)?;
             let grad_norm = clip_global_norm(&self.lm, &mut grads, o.grad_clip);
             self.lm = self.optim.step(lr, self.lm.clone(), grads);
             self.step += 1;
@@ -245,14 +273,18 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         Ok(None)
     }
 
-    /// Every micro-batch's loss step and backward pass, accumulated: the step's gradients, its
-    /// (loss, kd, ce) and its training tokens. Accumulation weighs every counted token equally:
-    /// each micro-batch's sums are divided by the whole step's count.
-    fn accumulate(&self, micro: &[Batch<B>]) -> (GradientsParams, [f64; 3], usize) {
+    /// This rank's micro-batches' loss steps and backward passes, accumulated: their gradients,
+    /// their (loss, kd, ce) and the step's training tokens. Accumulation weighs every counted
+    /// token equally: each micro-batch's sums are divided by the whole step's count (all ranks').
+    /// Dropout is seeded per micro-batch from the step's `seed`.
+    fn accumulate(&self, micro: &[Batch<B>], seed: u64) -> (GradientsParams, [f64; 3], usize) {
         let count: usize = micro.iter().map(|b| b.count).sum();
+        let tokens = micro.iter().map(|b| b.tokens).sum();
         let mut acc = GradientsAccumulator::new();
-        let (mut sums, mut tokens) = ([0.0; 3], 0);
-        for batch in micro {
+        let mut sums = [0.0; 3];
+        let mine = self.world.share(micro.len());
+        for (index, batch) in micro.iter().enumerate().take(mine.end).skip(mine.start) {
+            B::seed(&self.device, micro_batch_seed(seed, index));
             let (loss, kd, ce) = loss_step(
                 &self.lm,
                 &self.rope,
@@ -266,9 +298,26 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             sums[2] += ce;
             let grads = GradientsParams::from_grads(loss.backward(), &self.lm);
             acc.accumulate(&self.lm, grads);
-            tokens += batch.tokens;
         }
         (acc.grads(), sums, tokens)
+    }
+
+    /// In a data-parallel run, the step's gradients and loss sums added over the ranks (and
+    /// whether any rank was asked to stop); in one process, unchanged.
+    fn sum_over_ranks(
+        &mut self,
+        grads: GradientsParams,
+        sums: [f64; 3],
+    ) -> Result<(GradientsParams, [f64; 3])> {
+        if !self.world.is_distributed() {
+            return Ok((grads, sums));
+        }
+        let stop = self.run.stop.load(Ordering::SeqCst);
+        let mut scalars = [sums[0], sums[1], sums[2], stop as u8 as f64];
+        self.world.sum(&mut scalars);
+        self.ranks_stop = scalars[3] > 0.0;
+        let grads = sum_gradients(self.world, &self.lm, grads, &self.device)?;
+        Ok((grads, [scalars[0], scalars[1], scalars[2]]))
     }
 
     /// The periodic held-out evaluation, every `eval_every` steps before the last.
@@ -288,7 +337,11 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
 
     /// A checkpoint when due, at the end, and when asked to stop; after a stop, the outcome.
     fn checkpoint_if_due(&mut self) -> Result<Option<Outcome>> {
-        let stop = self.run.stop.load(Ordering::SeqCst);
+        let stop = if self.world.is_distributed() {
+            self.ranks_stop
+        } else {
+            self.run.stop.load(Ordering::SeqCst)
+        };
         let (every, done, max) = (
             self.cfg.checkpoint.every,
             self.step,
@@ -305,16 +358,21 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             data: self.data.cursor(),
             fingerprint: self.fingerprint.clone(),
             baseline: self.baseline.clone(),
+            world_size: self.world.size,
         };
-        let dir = checkpoint::save(
-            &self.run.run_dir,
-            &state,
-            &self.lm,
-            &self.optim,
-            &self.cfg.lora,
-            &self.run.student,
-            self.cfg.checkpoint.keep,
-        )?;
+        let dir = if self.world.is_root() {
+            checkpoint::save(
+                &self.run.run_dir,
+                &state,
+                &self.lm,
+                &self.optim,
+                &self.cfg.lora,
+                &self.run.student,
+                self.cfg.checkpoint.keep,
+            )?
+        } else {
+            checkpoint::step_dir(&self.run.run_dir, done)
+        };
         self.saved_at = Some(dir.clone());
         if stop && done < max {
             self.bar.finish_and_clear();
@@ -360,14 +418,16 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 "teacher": mmlu_teacher, "pruned": mmlu_student, "recovered": mmlu_recovered,
             })),
         });
-        std::fs::write(
-            run_dir.join("eval.json"),
-            serde_json::to_string_pretty(&eval)? + "\n",
-        )?;
         let adapter = run_dir.join("adapter");
-        write_dir_atomically(&adapter, |tmp| {
-            save_adapter(&self.lm, &cfg.lora, &self.run.student, tmp)
-        })?;
+        if self.world.is_root() {
+            std::fs::write(
+                run_dir.join("eval.json"),
+                serde_json::to_string_pretty(&eval)? + "\n",
+            )?;
+            write_dir_atomically(&adapter, |tmp| {
+                save_adapter(&self.lm, &cfg.lora, &self.run.student, tmp)
+            })?;
+        }
         Ok(Summary {
             student: self.run.student.clone(),
             teacher: self.run.teacher.clone(),

@@ -9,7 +9,10 @@ mod eval;
 mod export;
 mod forward;
 mod kd;
+mod launch;
 mod lora;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod prune;
 mod resume;
 mod tokenizer;
