@@ -233,7 +233,8 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         let o = self.cfg.optim.clone();
         while self.step < o.max_steps {
             let started = Instant::now();
-            // Dropout masks depend on the step alone, so a resumed run draws the same ones.
+            // Dropout masks depend on the step (and micro-batch) alone, so a resumed run draws
+            // the same ones, whichever ranks run it.
             let seed =
                 self.cfg.data.seed ^ (self.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let lr = lr_at(&o, self.step);
