@@ -36,7 +36,8 @@ impl FromStr for DeviceChoice {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
+            // Under a launcher, each rank its own device: cuda:{local rank}.
+            "cuda" => Ok(Self::Cuda(crate::dist::default_cuda_ordinal())),
             "wgpu" => Ok(Self::Wgpu),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
@@ -91,6 +92,7 @@ pub fn dispatch<J: Job>(device: DeviceChoice, precision: Precision, job: J) -> R
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(n) => {
             let info = gpu::cuda_preflight(n)?;
+            crate::dist::use_cuda_device(n);
             let dev = burn::backend::cuda::CudaDevice::new(n);
             gpu::guarded(info, gpu::cuda_memory_probe(dev.clone()), || {
                 run_on::<Gpu, J>(dev, dtype, job)

@@ -7,11 +7,12 @@
 //!   `export` (an adapter merged into its model)
 //! - `data` (Parquet instruction data, batches), `model` (the decoder architecture)
 //! - `hf` (Hugging Face file formats), `kernels` (CPU kernels on Flex), `device` (backends),
-//!   `util` (atomic writes, progress bars)
+//!   `dist` (ranks of a launched job, their collectives), `util` (atomic writes, progress bars)
 
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod hf;

@@ -24,9 +24,13 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = laco_train::cli::run(cli) {
-        // One line for the user: the error and its causes, no backtrace.
+    // One line for the user: the error and its causes, no backtrace (and under mpirun or srun,
+    // the rank, and every rank stopped).
+    let session = laco_train::dist::init().unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(1)
+    });
+    if let Err(e) = laco_train::cli::run(cli) {
+        session.fail(&e);
     }
 }

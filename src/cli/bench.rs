@@ -67,7 +67,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.warmup
         );
     }
-    let scratch = std::env::temp_dir().join(format!("laco-train-bench-{}", std::process::id()));
+    // Under mpirun or srun, every rank uses rank 0's scratch directory (where rank 0 prunes).
+    let world = crate::dist::world();
+    let id = world.broadcast(std::process::id().into());
+    let scratch = std::env::temp_dir().join(format!("laco-train-bench-{id}"));
     let out = args.out.clone().unwrap_or_else(|| scratch.clone());
     let distill = DistillArgs {
         config: args.config.clone(),
@@ -82,6 +85,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         common: args.common.clone(),
     };
     let mut job = job(distill)?;
+    job.prepare(false)?;
     let o = &mut job.cfg.output;
     (o.eval_every, o.mmlu_limit, o.eval_tokens) = (0, 0, 256);
     if let Some(p) = args.packing {
@@ -104,7 +108,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         dispatch(device, dtype, job)
     };
-    let _ = std::fs::remove_dir_all(&scratch);
+    if world.is_root() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     let Outcome::Finished(summary) = outcome? else {
         bail!("the benchmark was interrupted");
     };

@@ -63,7 +63,10 @@ pub struct DistillArgs {
 
 pub fn run(args: DistillArgs) -> Result<()> {
     let (device, dtype, json) = (args.common.device, args.common.dtype, args.common.json);
-    match dispatch(device, dtype, job(args)?)? {
+    let force = args.force;
+    let job = job(args)?;
+    job.prepare(force)?;
+    match dispatch(device, dtype, job)? {
         Outcome::Finished(summary) => {
             if json {
                 print_json(&serde_json::to_value(&summary)?);
@@ -138,18 +141,17 @@ pub(super) fn job(args: DistillArgs) -> Result<DistillJob> {
         Some(explicit) => {
             let dir = locate(&run_dir, explicit.as_deref())?;
             let student = student.clone().unwrap_or_else(|| run_dir.join("student"));
-            load_matching(&dir, &fingerprint(&cfg, &teacher, &student)?)?;
+            let world_size = crate::dist::world().size;
+            load_matching(&dir, &fingerprint(&cfg, &teacher, &student)?, world_size)?;
             Some(dir)
         }
         None => None,
     };
-    let job = DistillJob {
+    Ok(DistillJob {
         cfg,
         teacher,
         student,
         run_dir,
         resume,
-    };
-    job.prepare(args.force)?;
-    Ok(job)
+    })
 }

@@ -3,8 +3,8 @@
 
 use super::{at_least_one, at_least_two, print_json, Common, ModelArgs};
 use crate::device::{dispatch, Job};
-use crate::eval::choice::{score, write_samples, Accuracy, Question};
-use crate::eval::ppl::perplexity;
+use crate::eval::choice::{score_on, write_samples, Accuracy, Question};
+use crate::eval::ppl::perplexity_on;
 use crate::eval::{mmlu, zero_shot};
 use crate::model::Pretrained;
 use crate::util::fs::check_writable;
@@ -117,7 +117,16 @@ impl EvalArgs {
         }
         let bar = progress_bar("ppl");
         let started = std::time::Instant::now();
-        let r = perplexity(&pre.lm, &pre.rope, &ids, self.window, self.batch_size, &bar)?;
+        // Under mpirun or srun each rank measures its share of the windows.
+        let r = perplexity_on(
+            crate::dist::world(),
+            &pre.lm,
+            &pre.rope,
+            &ids,
+            self.window,
+            self.batch_size,
+            &bar,
+        )?;
         bar.finish_and_clear();
         if !r.ppl.is_finite() {
             bail!(
@@ -199,7 +208,9 @@ impl EvalArgs {
         let bar = progress_bar(label);
         bar.set_length(questions.len() as u64);
         let started = std::time::Instant::now();
-        let scored = score(
+        let world = crate::dist::world();
+        let scored = score_on(
+            world,
             &pre.lm,
             &pre.rope,
             &pre.tokenizer,
@@ -224,7 +235,7 @@ impl EvalArgs {
             "{label}: {} questions in {secs:.1}s ({per_sec:.2} questions/s)",
             questions.len()
         );
-        if let Some(path) = &self.log_samples {
+        if let Some(path) = self.log_samples.as_ref().filter(|_| world.is_root()) {
             write_samples(path, questions, &scored)?;
         }
         Ok((scored, per_sec))

@@ -132,6 +132,14 @@ pub fn at_least_two() -> clap::builder::RangedU64ValueParser<usize> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    let ranks = crate::dist::world().size;
+    let parallel = matches!(
+        cli.command,
+        Command::Distill(_) | Command::Bench(_) | Command::Eval(_)
+    );
+    if ranks > 1 && !parallel {
+        bail!("started as {ranks} processes: only distill, bench and eval run data-parallel; start this command without mpirun or srun");
+    }
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),

@@ -73,6 +73,7 @@ pub fn run(args: TeacherCacheArgs) -> Result<()> {
         data: args.data.clone(),
         resume: None,
         save_every: None,
+        force: false,
         common: Common {
             device: args.device,
             dtype: Precision::Auto,

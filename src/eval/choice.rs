@@ -3,6 +3,7 @@
 //! log-likelihood, `acc_norm` the highest log-likelihood per character of the choice.
 
 use super::loglik::{loglikelihoods, Request};
+use crate::dist::World;
 use crate::hf::Tokenizer;
 use crate::model::{CausalLm, Rope};
 use anyhow::Result;
@@ -101,6 +102,52 @@ pub fn score<B: Backend>(
         );
     }
     Ok(out)
+}
+
+/// [`score`] with each rank of `world` scoring its contiguous share of the questions (a group
+/// split between two ranks runs its shared prefix on both); the log-likelihoods are gathered, so
+/// every rank returns every question's score (`progress` counts this rank's questions). Every
+/// rank must call it.
+#[allow(clippy::too_many_arguments)]
+pub fn score_on<B: Backend>(
+    world: World,
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    tokenizer: &Tokenizer,
+    max_length: usize,
+    questions: &[Question],
+    batch: usize,
+    progress: &ProgressBar,
+) -> Result<Vec<Scored>> {
+    if world.size == 1 {
+        return score(lm, rope, tokenizer, max_length, questions, batch, progress);
+    }
+    let mine = world.share(questions.len());
+    let scored = score(
+        lm,
+        rope,
+        tokenizer,
+        max_length,
+        &questions[mine.clone()],
+        batch,
+        progress,
+    )?;
+    // Every question's log-likelihoods at their place in one buffer, zeros elsewhere, summed
+    // over the ranks: each value is added only to zeros, so it arrives unchanged.
+    let mut offsets = vec![0];
+    for q in questions {
+        offsets.push(offsets.last().copied().unwrap_or(0) + q.choices.len());
+    }
+    let mut logliks = vec![0.0; offsets[questions.len()]];
+    for (i, s) in mine.zip(&scored) {
+        logliks[offsets[i]..offsets[i + 1]].copy_from_slice(&s.loglik);
+    }
+    world.sum(&mut logliks);
+    Ok(questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| Scored::new(logliks[offsets[i]..offsets[i + 1]].to_vec(), &q.choices))
+        .collect())
 }
 
 /// Correct answers out of a number of questions.

@@ -1,7 +1,9 @@
 //! Perplexity over a text file as `eval --task ppl` defines it: the first `max_tokens` tokens (no
 //! BOS added), non-overlapping windows of `window` tokens, each window predicting its last
-//! `window - 1` tokens; ppl = exp(mean NLL).
+//! `window - 1` tokens; ppl = exp(mean NLL). [`perplexity_on`] shares the windows among the ranks
+//! of a data-parallel job.
 
+use crate::dist::World;
 use crate::kernels;
 use crate::model::{
     chunk::{predicting_rows, row_chunks, rows_per_chunk},
@@ -28,6 +30,21 @@ pub fn perplexity<B: Backend>(
     batch: usize,
     progress: &ProgressBar,
 ) -> Result<Perplexity> {
+    perplexity_on(World::SINGLE, lm, rope, ids, window, batch, progress)
+}
+
+/// [`perplexity`] with each rank of `world` measuring its contiguous share of the windows; the
+/// sums are added over the ranks, so every rank returns the whole text's result (`progress`
+/// counts this rank's windows). Every rank must call it.
+pub fn perplexity_on<B: Backend>(
+    world: World,
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    ids: &[u32],
+    window: usize,
+    batch: usize,
+    progress: &ProgressBar,
+) -> Result<Perplexity> {
     if window < 2 {
         bail!("--window must be at least 2 (got {window})");
     }
@@ -35,6 +52,7 @@ pub fn perplexity<B: Backend>(
     if windows.is_empty() {
         bail!("the text has {} tokens; need at least 2", ids.len());
     }
+    let windows = &windows[world.share(windows.len())];
     progress.set_length(windows.len() as u64);
     let device = lm.model.embed_tokens.device();
     let vocab = lm.model.embed_tokens.dims()[0];
@@ -68,6 +86,9 @@ pub fn perplexity<B: Backend>(
         i += group.len();
         progress.inc(group.len() as u64);
     }
+    let mut sums = [total_nll, count as f64];
+    world.sum(&mut sums);
+    let (total_nll, count) = (sums[0], sums[1] as usize);
     let mean_nll = total_nll / count as f64;
     Ok(Perplexity {
         ppl: mean_nll.exp(),

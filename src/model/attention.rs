@@ -95,10 +95,8 @@ impl<B: Backend> Mask<B> {
             .enumerate()
             .flat_map(|(q, &from)| (0..seq).map(move |j| !(from..=q % seq).contains(&j)))
             .collect();
-        let mask = Tensor::<B, 4, Bool>::from_data(
-            TensorData::new(masked, [batch, 1, seq, seq]),
-            device,
-        );
+        let mask =
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [batch, 1, seq, seq]), device);
         Self::Burn {
             mask: Some(mask),
             causal: false,

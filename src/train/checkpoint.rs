@@ -40,6 +40,14 @@ pub struct State {
     pub fingerprint: serde_json::Value,
     /// Teacher and pruned-student evaluations made before step 1.
     pub baseline: Baseline,
+    /// Processes of the run (data-parallel ranks, each taking optim.grad_accum micro-batches of
+    /// every step); 1 in checkpoints written before there were several.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -58,8 +66,12 @@ pub fn save<B: AutodiffBackend>(
 ) -> Result<PathBuf> {
     let dir = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let name = format!("step-{:07}", state.step);
-    let target = dir.join(&name);
+    let target = step_dir(run_dir, state.step);
+    let name = target
+        .file_name()
+        .expect("step-N")
+        .to_string_lossy()
+        .to_string();
     let records = optim.to_record();
     write_dir_atomically(&target, |tmp| {
         let adapter = tmp.join("adapter");
@@ -90,6 +102,11 @@ pub fn save<B: AutodiffBackend>(
     write_file_atomically(&dir.join(LATEST), format!("{name}\n").as_bytes())?;
     remove_old(&dir, keep.max(1), &name);
     Ok(target)
+}
+
+/// The directory of step `step`'s checkpoint (which [`save`] writes).
+pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!("step-{step:07}"))
 }
 
 /// (module name, lora_A id, lora_B id) of every adapted projection, in model order.
@@ -170,21 +187,75 @@ pub fn fingerprint(
     }))
 }
 
-/// The checkpoint's state, if its fingerprint equals `fingerprint`; else an error naming the
-/// first differing setting.
-pub fn load_matching(dir: &Path, fingerprint: &serde_json::Value) -> Result<State> {
+/// The checkpoint's state, if its fingerprint equals `fingerprint` (of a run of `world_size`
+/// processes); else an error naming the first differing setting. Another world size may
+/// continue the run when the global batch stays the same (world size x optim.grad_accum).
+pub fn load_matching(
+    dir: &Path,
+    fingerprint: &serde_json::Value,
+    world_size: usize,
+) -> Result<State> {
     let path = dir.join(STATE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let state: State =
         serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    if let Some(field) = first_difference(&state.fingerprint, fingerprint, ("checkpoint", "now")) {
+    let mut fingerprint = fingerprint.clone();
+    if state.world_size != world_size {
+        same_global_batch(dir, &state, &fingerprint, world_size)?;
+        fingerprint["optim"]["grad_accum"] = state.fingerprint["optim"]["grad_accum"].clone();
+    }
+    if let Some(field) = first_difference(&state.fingerprint, &fingerprint, ("checkpoint", "now")) {
         bail!(
             "--resume {}: the config differs from the checkpoint's in {field}",
             dir.display()
         );
     }
     Ok(state)
+}
+
+/// Refuses a resume by another number of processes that changes the sequences of a step.
+fn same_global_batch(
+    dir: &Path,
+    state: &State,
+    fingerprint: &serde_json::Value,
+    world_size: usize,
+) -> Result<()> {
+    let per_rank = |f: &serde_json::Value| {
+        let n = |k: &str| f["optim"][k].as_u64().unwrap_or(0) as usize;
+        (n("batch_size"), n("grad_accum"))
+    };
+    let processes = |n: usize| match n {
+        1 => "1 process".to_string(),
+        n => format!("{n} processes"),
+    };
+    let describe = |ranks: usize, (batch, accum): (usize, usize)| {
+        format!(
+            "{} x optim.grad_accum {accum} x optim.batch_size {batch} = {} sequences",
+            processes(ranks),
+            ranks * accum * batch
+        )
+    };
+    let (was, now) = (per_rank(&state.fingerprint), per_rank(fingerprint));
+    let (global_was, global_now) = (state.world_size * was.0 * was.1, world_size * now.0 * now.1);
+    if global_was == global_now {
+        return Ok(());
+    }
+    let keep = if now.0 > 0 && global_was % (world_size * now.0) == 0 {
+        format!(
+            "; optim.grad_accum = {} keeps it with {}",
+            global_was / (world_size * now.0),
+            processes(world_size)
+        )
+    } else {
+        String::new()
+    };
+    bail!(
+        "--resume {}: the checkpoint's step was {} (global batch), this run's would be {}{keep}",
+        dir.display(),
+        describe(state.world_size, was),
+        describe(world_size, now)
+    )
 }
 
 /// Puts the checkpoint's adapter weights into `lm` (whose adapters were just attached with the

@@ -251,13 +251,14 @@ impl DistillConfig {
         Ok(())
     }
 
-    /// With `optim.epochs`, `steps(epochs, batch_size, grad_accum)` (the data's count of the
-    /// steps that draw all its sequences that many times, see
-    /// [`crate::data::mixture::Mixture::steps_for`]) becomes `optim.max_steps`.
-    pub fn resolve_epochs(&mut self, steps: impl FnOnce(f64, usize, usize) -> usize) {
+    /// With `optim.epochs`, `steps(epochs, batch_size, grad_accum * ranks)` (the data's count of
+    /// the steps that draw all its sequences that many times, see
+    /// [`crate::data::mixture::Mixture::steps_for`]; a step takes `grad_accum` micro-batches on
+    /// each of `ranks` processes) becomes `optim.max_steps`.
+    pub fn resolve_epochs(&mut self, ranks: usize, steps: impl FnOnce(f64, usize, usize) -> usize) {
         let o = &mut self.optim;
         if let Some(epochs) = o.epochs {
-            o.max_steps = steps(epochs, o.batch_size, o.grad_accum).max(1);
+            o.max_steps = steps(epochs, o.batch_size, o.grad_accum * ranks).max(1);
         }
     }
 }
@@ -280,9 +281,10 @@ mod tests {
         assert!(cfg.model.base.join("config.json").exists());
         assert!(cfg.data.files.iter().all(|f| f.exists()));
         cfg.optim.epochs = Some(2.0);
-        // The data counts the steps (tests/it/packing.rs checks its count) of 8 rows.
-        cfg.resolve_epochs(|epochs, rows, accum| {
-            assert_eq!((epochs, rows, accum), (2.0, 8, 1));
+        // The data counts the steps (tests/it/packing.rs checks its count) of 8 rows, on 2
+        // processes.
+        cfg.resolve_epochs(2, |epochs, rows, accum| {
+            assert_eq!((epochs, rows, accum), (2.0, 8, 2));
             250
         });
         assert_eq!(cfg.optim.max_steps, 250);

@@ -2,9 +2,10 @@
 //! when configured, MMLU on the first `mmlu_limit` questions of each subject.
 
 use super::config::OutputSection;
-use crate::eval::choice::{score, Question};
+use crate::dist::World;
+use crate::eval::choice::{score_on, Question};
 use crate::eval::mmlu::{self, Report};
-use crate::eval::ppl::perplexity;
+use crate::eval::ppl::perplexity_on;
 use crate::hf::Tokenizer;
 use crate::model::{CausalLm, Rope};
 use anyhow::{bail, Result};
@@ -37,15 +38,23 @@ impl Baseline {
     }
 }
 
+/// The held-out data; in a data-parallel run every rank measures its share of it (every rank
+/// must call the measurements) and gets the whole result.
 pub struct HeldOut {
     ids: Vec<u32>,
     questions: Vec<Question>,
     tokenizer: Tokenizer,
     max_length: usize,
+    world: World,
 }
 
 impl HeldOut {
-    pub fn load(out: &OutputSection, tokenizer: &Tokenizer, max_length: usize) -> Result<Self> {
+    pub fn load(
+        out: &OutputSection,
+        tokenizer: &Tokenizer,
+        max_length: usize,
+        world: World,
+    ) -> Result<Self> {
         let text = crate::data::read_text(&out.eval_text)?;
         let mut ids = tokenizer.encode(&text)?;
         ids.truncate(out.eval_tokens);
@@ -71,11 +80,13 @@ impl HeldOut {
             questions,
             tokenizer: tokenizer.clone(),
             max_length,
+            world,
         })
     }
 
     pub fn ppl<B: Backend>(&self, lm: &CausalLm<B>, rope: &Rope<B>) -> Result<f64> {
-        Ok(perplexity(lm, rope, &self.ids, 256, 4, &ProgressBar::hidden())?.ppl)
+        let quiet = ProgressBar::hidden();
+        Ok(perplexity_on(self.world, lm, rope, &self.ids, 256, 4, &quiet)?.ppl)
     }
 
     /// Perplexity and MMLU (when configured) of `lm`.
@@ -93,7 +104,8 @@ impl HeldOut {
             return Ok(None);
         }
         let quiet = ProgressBar::hidden();
-        let scored = score(
+        let scored = score_on(
+            self.world,
             lm,
             rope,
             &self.tokenizer,

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::flag;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -39,8 +39,18 @@ impl DistillJob {
     /// Checks RUN_DIR before any model loads: it must not be or contain a model the run reads;
     /// a run already in it is continued only with `resume` and replaced only with `force`
     /// (atomically, keeping a pruned student that matches this run's base and `[laco]`
-    /// settings). Temporary directories of killed runs beside it are removed.
+    /// settings). Temporary directories of killed runs beside it are removed. Under a launcher
+    /// rank 0 does it while the others wait.
     pub fn prepare(&self, force: bool) -> Result<()> {
+        let world = crate::dist::world();
+        if world.is_root() {
+            self.prepare_run_dir(force)?;
+        }
+        world.wait_for_all();
+        Ok(())
+    }
+
+    fn prepare_run_dir(&self, force: bool) -> Result<()> {
         let mut sources = vec![
             ("base model", self.cfg.model.base.as_path()),
             ("teacher", self.teacher.as_path()),
@@ -92,7 +102,8 @@ impl Job for DistillJob {
         let dtype = Tensor::<B, 1>::zeros([1], &device).dtype();
         let kernels_train = kernels::fused_attention::<Autodiff<B>>(dtype);
         let checkpointing = self.cfg.optim.activation_checkpointing && !kernels_train;
-        if self.cfg.optim.activation_checkpointing && kernels_train {
+        let world = crate::dist::world();
+        if self.cfg.optim.activation_checkpointing && kernels_train && world.is_root() {
             eprintln!("optim.activation_checkpointing: not needed by the CPU training kernels (they recompute attention and keep no elementwise outputs); running without it");
         }
         self.memory_plan(dtype.size(), checkpointing)?;
@@ -102,26 +113,38 @@ impl Job for DistillJob {
             Some(dir) => dir,
             None => {
                 let dir = self.run_dir.join(STUDENT);
-                if dir.join("config.json").exists() {
-                    check_pruned(&dir, &self.cfg.model.base, &self.cfg.laco)?;
-                    eprintln!("reusing the pruned student in {}", dir.display());
-                } else {
-                    let calibration = calibration_lines(&self.cfg.laco)?;
-                    prune_into::<B>(
-                        &self.cfg.model.base,
-                        &dir,
-                        &self.cfg.laco,
-                        &calibration,
-                        8,
-                        &device,
-                    )?;
+                // Under a launcher, rank 0 prunes and the others load its output (RUN_DIR on a
+                // file system every rank sees) once it is there.
+                if world.is_root() {
+                    if dir.join("config.json").exists() {
+                        check_pruned(&dir, &self.cfg.model.base, &self.cfg.laco)?;
+                        eprintln!("reusing the pruned student in {}", dir.display());
+                    } else {
+                        let calibration = calibration_lines(&self.cfg.laco)?;
+                        prune_into::<B>(
+                            &self.cfg.model.base,
+                            &dir,
+                            &self.cfg.laco,
+                            &calibration,
+                            8,
+                            &device,
+                        )?;
+                    }
                 }
+                world.wait_for_all();
                 dir
             }
         };
-        // SIGINT/SIGTERM ask the loop to checkpoint and stop; a second one exits at once.
+        // SIGINT/SIGTERM ask the loop to checkpoint and stop; a second one exits at once. Under a
+        // launcher SIGUSR1 does too: Open MPI's mpirun kills the ranks on SIGINT/SIGTERM but
+        // passes SIGUSR1 on to them.
         let stop = Arc::new(AtomicBool::new(false));
-        for signal in [SIGINT, SIGTERM] {
+        let signals: &[i32] = if world.is_distributed() {
+            &[SIGINT, SIGTERM, SIGUSR1]
+        } else {
+            &[SIGINT, SIGTERM]
+        };
+        for &signal in signals {
             flag::register_conditional_shutdown(signal, 130, stop.clone())?;
             flag::register(signal, stop.clone())?;
         }
@@ -137,9 +160,12 @@ impl Job for DistillJob {
         } else {
             distill::<Autodiff<B>>(&self.cfg, &run, &device)?
         };
-        if let Outcome::Finished(summary) = &outcome {
-            let text = serde_json::to_string_pretty(summary)? + "\n";
-            write_file_atomically(&self.run_dir.join("summary.json"), text.as_bytes())?;
+        match &outcome {
+            Outcome::Finished(summary) if world.is_root() => {
+                let text = serde_json::to_string_pretty(summary)? + "\n";
+                write_file_atomically(&self.run_dir.join("summary.json"), text.as_bytes())?;
+            }
+            _ => {}
         }
         Ok(outcome)
     }

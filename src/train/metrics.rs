@@ -15,7 +15,10 @@ use tensorboard_rs::summary_writer::SummaryWriter;
 
 pub const METRICS: &str = "metrics.jsonl";
 
-pub struct Metrics {
+/// The writers; `None` on ranks other than 0 of a data-parallel run (rank 0 alone writes).
+pub struct Metrics(Option<Writers>);
+
+struct Writers {
     jsonl: std::fs::File,
     tb: SummaryWriter,
 }
@@ -41,6 +44,11 @@ impl Metrics {
         Self::open(run_dir)
     }
 
+    /// Metrics that go nowhere (the ranks other than 0).
+    pub fn discard() -> Self {
+        Self(None)
+    }
+
     fn open(run_dir: &Path) -> Result<Self> {
         // tensorboard-rs panics on a directory it cannot write: check it first.
         let tb = tb_dir(run_dir);
@@ -51,10 +59,10 @@ impl Metrics {
             .append(true)
             .open(&path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
-        Ok(Self {
+        Ok(Self(Some(Writers {
             jsonl,
             tb: SummaryWriter::new(tb),
-        })
+        })))
     }
 
     /// One training step's scalars: a metrics.jsonl line (with the evaluation, when one ran)
@@ -65,34 +73,47 @@ impl Metrics {
         scalars: &[(&str, f64)],
         eval: Option<(f64, Option<&Report>)>,
     ) -> Result<()> {
+        let Some(w) = &mut self.0 else {
+            return Ok(());
+        };
         let mut record = serde_json::json!({ "step": step });
         for &(key, value) in scalars {
             record[key] = value.into();
-            self.tb
-                .add_scalar(&format!("train/{key}"), value as f32, step);
+            w.tb.add_scalar(&format!("train/{key}"), value as f32, step);
         }
         if let Some((ppl, mmlu)) = eval {
             record["eval_ppl"] = ppl.into();
             if let Some(m) = mmlu {
                 record["eval_mmlu_acc"] = m.acc.into();
             }
-            self.eval(step, ppl, mmlu);
+            w.eval(step, ppl, mmlu);
         }
-        writeln!(self.jsonl, "{record}").context(METRICS)
+        writeln!(w.jsonl, "{record}").context(METRICS)
     }
 
     /// A held-out evaluation at `step`: TensorBoard's `eval/ppl` and `eval/mmlu_acc`.
     pub fn eval(&mut self, step: usize, ppl: f64, mmlu: Option<&Report>) {
-        self.tb.add_scalar("eval/ppl", ppl as f32, step);
-        if let Some(m) = mmlu {
-            self.tb.add_scalar("eval/mmlu_acc", m.acc as f32, step);
+        if let Some(w) = &mut self.0 {
+            w.eval(step, ppl, mmlu);
         }
     }
 
     /// Writes out what is buffered (before a checkpoint copies metrics.jsonl).
     pub fn flush(&mut self) -> Result<()> {
-        self.tb.flush();
-        self.jsonl.flush().context(METRICS)
+        let Some(w) = &mut self.0 else {
+            return Ok(());
+        };
+        w.tb.flush();
+        w.jsonl.flush().context(METRICS)
+    }
+}
+
+impl Writers {
+    fn eval(&mut self, step: usize, ppl: f64, mmlu: Option<&Report>) {
+        self.tb.add_scalar("eval/ppl", ppl as f32, step);
+        if let Some(m) = mmlu {
+            self.tb.add_scalar("eval/mmlu_acc", m.acc as f32, step);
+        }
     }
 }
 

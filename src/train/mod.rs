@@ -9,5 +9,6 @@ pub mod loss;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod recipe;
 pub mod teacher_cache;

@@ -4,17 +4,20 @@
 //! RUN_DIR/eval.json, the PEFT adapter). The pruned student is frozen and learns, through fresh
 //! LoRA adapters, the teacher's next-token distributions on instruction data. The components
 //! are beside it: config, loss, optim (AdamW, schedule, clipping), checkpoint (resume state),
-//! metrics (metrics.jsonl and TensorBoard), evaluate (held-out perplexity and MMLU).
+//! metrics (metrics.jsonl and TensorBoard), evaluate (held-out perplexity and MMLU), parallel
+//! (the ranks of a data-parallel run: their share of a step, the sum of their gradients).
 
 use super::checkpoint::{self, State};
 use super::config::DistillConfig;
 use super::evaluate::{Baseline, HeldOut};
 use super::metrics::Metrics;
 use super::optim::{adamw, clip_global_norm, lr_at, throughput, Optim};
+use super::parallel::{micro_batch_seed, sum_over_ranks};
 use super::teacher_cache::{self, Teacher, TeacherCache};
 use crate::data::batch::Batch;
 use crate::data::mixture::Mixture;
 use crate::device::GpuMemory;
+use crate::dist::World;
 use crate::eval::mmlu::Report;
 use crate::model::adapter::{attach_new, save_adapter};
 use crate::model::{CausalLm, Pretrained, Rope};
@@ -55,7 +58,7 @@ pub struct Summary {
     /// boxed to keep [`Outcome`]'s variants of similar size).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_memory: Option<Box<GpuMemory>>,
-    /// The share of the positions of this process's training batches that were padding.
+    /// The share of the positions of the training batches (all ranks') that were padding.
     pub padding_fraction: f64,
 }
 
@@ -94,6 +97,8 @@ struct Recipe<'a, B: AutodiffBackend> {
     cfg: DistillConfig,
     run: &'a Run,
     device: B::Device,
+    /// This process among the ranks of a data-parallel run (rank 0 of 1 otherwise).
+    world: World,
     teacher: Teacher<B>,
     /// The frozen student's rotary tables, and the same for evaluating on the inner backend.
     rope: Rope<B>,
@@ -112,14 +117,17 @@ struct Recipe<'a, B: AutodiffBackend> {
     final_loss: f64,
     step_times: Vec<(usize, f64)>,
     gpu_memory: Option<GpuMemory>,
-    /// Padding positions of this process's batches.
+    /// Padding positions of the steps' batches (all ranks').
     padded: usize,
     saved_at: Option<PathBuf>,
     bar: ProgressBar,
+    /// Whether any rank was asked to stop (data-parallel runs: the ranks stop together).
+    ranks_stop: bool,
 }
 
 impl<'a, B: AutodiffBackend> Recipe<'a, B> {
     fn setup(cfg: &DistillConfig, run: &'a Run, device: &B::Device) -> Result<Self> {
+        let world = crate::dist::world();
         // 1. Models. The teacher runs on the inner backend: no graph, no gradients.
         let teacher = Pretrained::<B::InnerBackend>::load(&run.teacher, device)?;
         let student = Pretrained::<B>::load(&run.student, device)?;
@@ -142,7 +150,10 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         std::fs::create_dir_all(&checkpoints)
             .with_context(|| format!("{}: cannot create", checkpoints.display()))?;
         let resumed = match &run.resume {
-            Some(dir) => Some((dir.clone(), checkpoint::load_matching(dir, &fingerprint)?)),
+            Some(dir) => Some((
+                dir.clone(),
+                checkpoint::load_matching(dir, &fingerprint, world.size)?,
+            )),
             None => None,
         };
         // The teacher cache, which must match the teacher, the data and its tokenizer.
@@ -157,14 +168,21 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         // 3. Data: depends on the student's tokenizer; epochs turn into steps once it is read.
         let mut data = Mixture::load(&cfg.data, &student.tokenizer)?;
         let mut cfg = cfg.clone();
-        cfg.resolve_epochs(|epochs, rows, accum| data.steps_for(epochs, rows, accum));
+        cfg.resolve_epochs(world.size, |epochs, rows, accum| {
+            data.steps_for(epochs, rows, accum)
+        });
         // 4. Adapters and optimiser. The backend's generator is seeded so adapter
         //    initialisation (and, per step, dropout) is reproducible.
         B::seed(device, cfg.data.seed);
         let mut lm = attach_new(student.lm.clone(), &cfg.lora, device);
         let mut optim = adamw::<B>(&cfg.optim);
         // 5. Held-out evaluation, on the student's tokenizer.
-        let held_out = HeldOut::load(&cfg.output, &student.tokenizer, student.config.max_length)?;
+        let held_out = HeldOut::load(
+            &cfg.output,
+            &student.tokenizer,
+            student.config.max_length,
+            world,
+        )?;
         let eval_rope = Rope::<B::InnerBackend>::new(
             student.config.head_dim,
             student.config.rope_theta,
@@ -177,7 +195,12 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 data.seek(&state.data)
                     .map_err(|e| anyhow::anyhow!("--resume {}: {e}", dir.display()))?;
                 optim = optim.load_record(checkpoint::restore(&dir, &state, &mut lm, device)?);
-                let metrics = Metrics::resume(&run.run_dir, &dir, state.step)?;
+                // Rank 0 alone writes the run's files.
+                let metrics = if world.is_root() {
+                    Metrics::resume(&run.run_dir, &dir, state.step)?
+                } else {
+                    Metrics::discard()
+                };
                 eprintln!("resuming from {} (step {})", dir.display(), state.step);
                 (
                     state.step,
@@ -194,7 +217,11 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                     mmlu_teacher: held_out.mmlu(&teacher.lm, &teacher.rope)?,
                     mmlu_student: held_out.mmlu(&lm.valid(), &eval_rope)?,
                 };
-                let mut metrics = Metrics::start(&run.run_dir)?;
+                let mut metrics = if world.is_root() {
+                    Metrics::start(&run.run_dir)?
+                } else {
+                    Metrics::discard()
+                };
                 metrics.eval(0, baseline.ppl_student, baseline.mmlu_student.as_ref());
                 (0, 0, f64::NAN, baseline, metrics)
             }
@@ -211,6 +238,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         Ok(Self {
             run,
             device: device.clone(),
+            world,
             teacher,
             rope: student.rope,
             eval_rope,
@@ -229,6 +257,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             padded: 0,
             saved_at: run.resume.clone(),
             bar,
+            ranks_stop: false,
             cfg,
         })
     }
@@ -238,16 +267,21 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         let o = self.cfg.optim.clone();
         while self.step < o.max_steps {
             let started = Instant::now();
-            // Dropout masks depend on the step alone, so a resumed run draws the same ones.
+            // Dropout masks depend on the step (and micro-batch) alone, so a resumed run draws
+            // the same ones, whichever ranks run it.
             let seed =
                 self.cfg.data.seed ^ (self.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            B::seed(&self.device, seed);
             let lr = lr_at(&o, self.step);
-            let micro: Vec<Batch<B>> = (0..o.grad_accum)
+            // The step's micro-batches in the one order of the data, every rank's included.
+            let micro: Vec<Batch<B>> = (0..o.grad_accum * self.world.size)
                 .map(|_| self.data.batch(o.batch_size, &self.device))
                 .collect();
             self.padded += micro.iter().map(Batch::padded_positions).sum::<usize>();
-            let (mut grads, [loss, kd, ce], tokens) = self.accumulate(&micro)?;
+            let (grads, sums, tokens) = self.accumulate(&micro, seed)?;
+            let stop = self.run.stop.load(Ordering::SeqCst);
+            let (mut grads, [loss, kd, ce], stop) =
+                sum_over_ranks(self.world, &self.lm, grads, sums, stop, &self.device)?;
+            self.ranks_stop = stop;
             let grad_norm = clip_global_norm(&self.lm, &mut grads, o.grad_clip);
             if !(loss.is_finite() && grad_norm.is_finite()) {
                 self.bar.finish_and_clear();
@@ -303,14 +337,22 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         )
     }
 
-    /// Every micro-batch's loss step and backward pass, accumulated: the step's gradients, its
-    /// (loss, kd, ce) and its training tokens. Accumulation weighs every counted token equally:
-    /// each micro-batch's sums are divided by the whole step's count.
-    fn accumulate(&self, micro: &[Batch<B>]) -> Result<(GradientsParams, [f64; 3], usize)> {
+    /// This rank's micro-batches' loss steps and backward passes, accumulated: their gradients,
+    /// their (loss, kd, ce) and the step's training tokens. Accumulation weighs every counted
+    /// token equally: each micro-batch's sums are divided by the whole step's count (all ranks').
+    /// Dropout is seeded per micro-batch from the step's `seed`.
+    fn accumulate(
+        &self,
+        micro: &[Batch<B>],
+        seed: u64,
+    ) -> Result<(GradientsParams, [f64; 3], usize)> {
         let count: usize = micro.iter().map(|b| b.count).sum();
+        let tokens = micro.iter().map(|b| b.tokens).sum();
         let mut acc = GradientsAccumulator::new();
-        let (mut sums, mut tokens) = ([0.0; 3], 0);
-        for batch in micro {
+        let mut sums = [0.0; 3];
+        let mine = self.world.share(micro.len());
+        for (index, batch) in micro.iter().enumerate().take(mine.end).skip(mine.start) {
+            B::seed(&self.device, micro_batch_seed(seed, index));
             let (loss, kd, ce) =
                 self.teacher
                     .loss_step(&self.lm, &self.rope, batch, &self.cfg.loss, count)?;
@@ -322,7 +364,6 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             sums[2] += ce;
             let grads = GradientsParams::from_grads(loss.backward(), &self.lm);
             acc.accumulate(&self.lm, grads);
-            tokens += batch.tokens;
         }
         Ok((acc.grads(), sums, tokens))
     }
@@ -344,7 +385,11 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
 
     /// A checkpoint when due, at the end, and when asked to stop; after a stop, the outcome.
     fn checkpoint_if_due(&mut self) -> Result<Option<Outcome>> {
-        let stop = self.run.stop.load(Ordering::SeqCst);
+        let stop = if self.world.is_distributed() {
+            self.ranks_stop
+        } else {
+            self.run.stop.load(Ordering::SeqCst)
+        };
         let (every, done, max) = (
             self.cfg.checkpoint.every,
             self.step,
@@ -361,16 +406,21 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             data: self.data.cursor(),
             fingerprint: self.fingerprint.clone(),
             baseline: self.baseline.clone(),
+            world_size: self.world.size,
         };
-        let dir = checkpoint::save(
-            &self.run.run_dir,
-            &state,
-            &self.lm,
-            &self.optim,
-            &self.cfg.lora,
-            &self.run.student,
-            self.cfg.checkpoint.keep,
-        )?;
+        let dir = if self.world.is_root() {
+            checkpoint::save(
+                &self.run.run_dir,
+                &state,
+                &self.lm,
+                &self.optim,
+                &self.cfg.lora,
+                &self.run.student,
+                self.cfg.checkpoint.keep,
+            )?
+        } else {
+            checkpoint::step_dir(&self.run.run_dir, done)
+        };
         self.saved_at = Some(dir.clone());
         if stop && done < max {
             self.bar.finish_and_clear();
@@ -416,12 +466,14 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 "teacher": mmlu_teacher, "pruned": mmlu_student, "recovered": mmlu_recovered,
             })),
         });
-        let text = serde_json::to_string_pretty(&eval)? + "\n";
-        write_file_atomically(&run_dir.join("eval.json"), text.as_bytes())?;
         let adapter = run_dir.join("adapter");
-        write_dir_atomically(&adapter, |tmp| {
-            save_adapter(&self.lm, &cfg.lora, &self.run.student, tmp)
-        })?;
+        if self.world.is_root() {
+            let text = serde_json::to_string_pretty(&eval)? + "\n";
+            write_file_atomically(&run_dir.join("eval.json"), text.as_bytes())?;
+            write_dir_atomically(&adapter, |tmp| {
+                save_adapter(&self.lm, &cfg.lora, &self.run.student, tmp)
+            })?;
+        }
         Ok(Summary {
             student: self.run.student.clone(),
             teacher: self.run.teacher.clone(),

@@ -12,8 +12,11 @@ mod export;
 mod forward;
 mod hardening;
 mod kd;
+mod launch;
 mod layout;
 mod lora;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod packing;
 mod parity;
 mod prune;

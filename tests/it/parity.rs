@@ -278,6 +278,14 @@ pub fn in_own_process(name: &str, env: (&str, &str)) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{name}:\n{text}");
-    assert!(text.contains("1 passed"), "{name} did not run:\n{text}");
+    // libtest prints its summary once the test has run and passed; Mesa's software Vulkan
+    // driver has been seen to fail the process after that, in its exit handlers (CI, once).
+    let passed = text.contains("test result: ok. 1 passed");
+    if passed && !out.status.success() {
+        eprintln!(
+            "{name}: passed, then its process ended with {} while exiting",
+            out.status
+        );
+    }
+    assert!(passed, "{name} ({}):\n{text}", out.status);
 }

@@ -24,21 +24,17 @@
 //! field is named.
 
 use super::config::DistillConfig;
-use super::loss::{batch_hidden, loss_step, loss_step_cached, teacher_top_k, Divergence, KdLoss};
+use super::loss::{batch_hidden, loss_step, loss_step_cached, teacher_top_k, KdLoss};
 use crate::data::batch::{Batch, IGNORE};
 use crate::data::instruct::templates;
 use crate::data::mixture::Mixture;
 use crate::device::Job;
 use crate::model::chunk::{row_chunks, rows_per_chunk};
 use crate::model::{CausalLm, Pretrained, Rope};
-use crate::util::check::first_difference;
-use crate::util::{progress_bar, write_file_atomically};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::util::progress_bar;
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
-use safetensors::{tensor::TensorView, Dtype, SafeTensors};
-use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use burn::tensor::Tensor;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -46,8 +42,8 @@ use xxhash_rust::xxh3::Xxh3;
 
 mod store;
 
-pub use store::{CacheDtype, TeacherCache, INDEX};
 use store::Writer;
+pub use store::{CacheDtype, CacheSummary, TeacherCache, INDEX};
 
 /// templates, and the data settings that decide the sequences and their order.
 pub fn fingerprint(
@@ -115,25 +111,6 @@ pub struct CacheJob {
     pub max_sequences: Option<usize>,
 }
 
-/// What a cache run did.
-#[derive(Debug, Clone, Serialize)]
-pub struct CacheSummary {
-    pub out: PathBuf,
-    pub top_k: usize,
-    pub dtype: CacheDtype,
-    /// Sequences the cache is meant to hold, and holds.
-    pub planned: usize,
-    pub sequences: usize,
-    /// Counted positions stored.
-    pub positions: usize,
-    pub bytes: u64,
-    pub bytes_per_position: f64,
-    pub complete: bool,
-    /// Sequences computed by this run, and their tokens per second (teacher forward and top-k).
-    pub computed: usize,
-    pub tokens_per_sec: f64,
-}
-
 impl Job for CacheJob {
     type Output = CacheSummary;
 
@@ -157,12 +134,20 @@ impl Job for CacheJob {
             );
         }
         let mut data = Mixture::load(&self.cfg.data, &teacher.tokenizer)?;
+        // One process makes the cache: it holds every sequence of a run of one epoch or more,
+        // whatever the ranks that read it.
         self.cfg
-            .resolve_epochs(|epochs, rows, accum| data.steps_for(epochs, rows, accum));
+            .resolve_epochs(1, |epochs, rows, accum| data.steps_for(epochs, rows, accum));
         let o = &self.cfg.optim;
         let limit = self.max_sequences.unwrap_or(usize::MAX);
         let plan = data.planned(o.max_steps * o.grad_accum, o.batch_size, limit);
-        let mut writer = Writer::open(&self, fingerprint, plan.len(), data.sequences())?;
+        let mut writer = Writer::open(
+            &self.out,
+            (self.top_k, self.dtype),
+            fingerprint,
+            plan.len(),
+            data.sequences(),
+        )?;
         let mut wanted = vec![false; data.sequences()];
         for &id in &plan {
             wanted[id] = !writer.done[id];
@@ -273,7 +258,7 @@ impl<B: AutodiffBackend> Teacher<B> {
                 if ids.dims()[0] != batch.count {
                     bail!(
                         "{}: the teacher cache's entries do not fit this run's sequences ({} rows for {} counted positions)",
-                        cache.dir.display(),
+                        cache.dir().display(),
                         ids.dims()[0],
                         batch.count
                     );

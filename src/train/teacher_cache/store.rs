@@ -1,27 +1,16 @@
 //! The teacher cache on disk: `index.json` and its safetensors shards, written shard by shard
 //! and read back by sequence id.
 
-use super::config::DistillConfig;
-use super::loss::{batch_hidden, loss_step, loss_step_cached, teacher_top_k, Divergence, KdLoss};
-use crate::data::batch::{Batch, IGNORE};
-use crate::data::instruct::templates;
-use crate::data::mixture::Mixture;
-use crate::device::Job;
-use crate::model::chunk::{row_chunks, rows_per_chunk};
-use crate::model::{CausalLm, Pretrained, Rope};
+use crate::train::loss::{Divergence, KdLoss};
 use crate::util::check::first_difference;
-use crate::util::{progress_bar, write_file_atomically};
+use crate::util::write_file_atomically;
 use anyhow::{anyhow, bail, Context, Result};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
-use xxhash_rust::xxh3::Xxh3;
-
 
 pub const INDEX: &str = "index.json";
 const FORMAT: &str = "laco-train teacher cache";
@@ -107,13 +96,32 @@ struct ShardEntry {
     positions: usize,
 }
 
+/// What a cache run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheSummary {
+    pub out: PathBuf,
+    pub top_k: usize,
+    pub dtype: CacheDtype,
+    /// Sequences the cache is meant to hold, and holds.
+    pub planned: usize,
+    pub sequences: usize,
+    /// Counted positions stored.
+    pub positions: usize,
+    pub bytes: u64,
+    pub bytes_per_position: f64,
+    pub complete: bool,
+    /// Sequences computed by this run, and their tokens per second (teacher forward and top-k).
+    pub computed: usize,
+    pub tokens_per_sec: f64,
+}
+
 /// What the cache must share with the run that reads it: hashes (XXH3-128) of the teacher's
 /// config and weights, the tokenizer that tokenized the data, every data file and the prompt
-struct Writer {
+pub struct Writer {
     dir: PathBuf,
     index: Index,
     /// Per sequence id: stored already.
-    done: Vec<bool>,
+    pub done: Vec<bool>,
     /// The shard being filled: sequence ids, row offsets, ids, log-probabilities.
     sequences: Vec<i64>,
     offsets: Vec<i64>,
@@ -122,22 +130,22 @@ struct Writer {
 }
 
 impl Writer {
-    /// The cache in `job.out` (new, or continued), for a plan of `planned` of the data's
+    /// The cache in `dir` (new, or continued) of `top_k` entries stored as `dtype`, for a plan of `planned` of the data's
     /// `sequences`.
-    fn open(
-        job: &CacheJob,
+    pub fn open(
+        dir: &Path,
+        (top_k, dtype): (usize, CacheDtype),
         fingerprint: serde_json::Value,
         planned: usize,
         sequences: usize,
     ) -> Result<Self> {
-        let dir = &job.out;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
         let mut index = Index {
             format: FORMAT.into(),
             version: VERSION,
-            top_k: job.top_k,
-            dtype: job.dtype,
+            top_k,
+            dtype,
             fingerprint,
             planned,
             complete: false,
@@ -146,17 +154,19 @@ impl Writer {
         let mut done = vec![false; sequences];
         if dir.join(INDEX).exists() {
             let old = read_index(dir)?;
-            if let Some(field) = first_difference(&old.fingerprint, &index.fingerprint, ("cache", "now")) {
+            if let Some(field) =
+                first_difference(&old.fingerprint, &index.fingerprint, ("cache", "now"))
+            {
                 bail!(
                     "{}: holds a teacher cache of another run ({}); use another --out or remove it",
                     dir.display(),
                     field
                 );
             }
-            if (old.top_k, old.dtype) != (job.top_k, job.dtype) {
+            if (old.top_k, old.dtype) != (top_k, dtype) {
                 bail!(
                     "{}: holds a cache with --top-k {} --dtype {:?}, not --top-k {} --dtype {:?}; use another --out or remove it",
-                    dir.display(), old.top_k, old.dtype, job.top_k, job.dtype
+                    dir.display(), old.top_k, old.dtype, top_k, dtype
                 );
             }
             for shard in Shard::open_all(dir, &old)? {
@@ -169,7 +179,7 @@ impl Writer {
             index.shards = old.shards;
         }
         Ok(Self {
-            dir: dir.clone(),
+            dir: dir.to_path_buf(),
             index,
             done,
             sequences: Vec::new(),
@@ -179,7 +189,7 @@ impl Writer {
         })
     }
 
-    fn push(&mut self, id: usize, ids: &[i32], logprobs: &[f32]) -> Result<()> {
+    pub fn push(&mut self, id: usize, ids: &[i32], logprobs: &[f32]) -> Result<()> {
         self.sequences.push(id as i64);
         self.ids.extend_from_slice(ids);
         self.logprobs.extend_from_slice(logprobs);
@@ -238,7 +248,7 @@ impl Writer {
         write_file_atomically(&self.dir.join(INDEX), text.as_bytes())
     }
 
-    fn finish(mut self, complete: bool) -> Result<CacheSummary> {
+    pub fn finish(mut self, complete: bool) -> Result<CacheSummary> {
         self.flush()?;
         self.index.complete = complete;
         self.write_index()?;
@@ -399,6 +409,10 @@ impl TeacherCache {
             shards,
             entries,
         })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Sequences held.

@@ -66,7 +66,6 @@ pub fn repository_files() -> BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
     out
 }
 
-
 #[test]
 fn a_diverging_run_stops_and_leaves_the_last_finite_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
