@@ -150,7 +150,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "bench": "distill", "steps": args.steps, "warmup": args.warmup,
             "batch_size": batch.0, "grad_accum": batch.1, "max_seq_len": seq,
             "packing": packing, "divergence": divergence, "teacher_cache": cache,
-            "tokens_per_sec": steady, "tokens_per_sec_all_steps": summary.tokens_per_sec,
+            "final_loss": summary.final_loss, "tokens_per_sec": steady,
+            "tokens_per_sec_all_steps": summary.tokens_per_sec,
             "seconds_per_step": per_step, "padding_fraction": padding, "peak_rss_mb": peak_mb,
             // GPU memory (cubecl's pools, sampled after each step's forward passes and at its
             // end): in use by tensors, and reserved from the driver; null on the CPU.

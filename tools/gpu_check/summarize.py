@@ -79,6 +79,16 @@ def main():
         figures["laco_train_checkpointing"] = {"rc": ckpt.get("rc"), "wall_s": ckpt.get("wall_s"),
                                                **(ckpt.get("result") or {}),
                                                "gpu_used_peak_gb_nvidia_smi": ckpt.get("gpu_used_peak_gb")}
+    mpi = load(a.out, "bench-mpi")
+    if not mpi.get("missing"):
+        m = mpi.get("result") or {}
+        figures["laco_train_mpi_1_rank"] = {"rc": mpi.get("rc"), "wall_s": mpi.get("wall_s"), **m}
+        # The same steps through the NCCL all-reduce of one rank: the same final loss.
+        same = m.get("final_loss") is not None and b.get("final_loss") is not None and \
+            abs(m["final_loss"] - b["final_loss"]) <= 1e-3 * max(1.0, abs(b["final_loss"]))
+        checks["bench_mpi_nccl"] = {"pass": mpi.get("rc") == 0 and same,
+                                    "final_loss": m.get("final_loss"),
+                                    "final_loss_single_process": b.get("final_loss")}
     ratio = None
     if b.get("tokens_per_sec") and t.get("tokens_per_sec"):
         ratio = b["tokens_per_sec"] / t["tokens_per_sec"]
