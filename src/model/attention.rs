@@ -5,6 +5,7 @@ use super::{
     linear::Linear,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
+    segments::visible_keys,
 };
 use crate::hf::{Family, ModelConfig, Weight, WeightReader};
 use crate::kernels::{self, KeyMask};
@@ -90,11 +91,7 @@ impl<B: Backend> Mask<B> {
     /// `first[i]..=i` of its row (`first` as [`super::Segments::run_starts`]).
     pub fn burn_segments(first: &[usize], seq: usize, device: &B::Device) -> Self {
         let batch = first.len() / seq;
-        let masked: Vec<bool> = first
-            .iter()
-            .enumerate()
-            .flat_map(|(q, &from)| (0..seq).map(move |j| !(from..=q % seq).contains(&j)))
-            .collect();
+        let masked: Vec<bool> = visible_keys(first, seq).into_iter().map(|v| !v).collect();
         let mask =
             Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [batch, 1, seq, seq]), device);
         Self::Burn {

@@ -9,7 +9,7 @@ use super::{
     mlp::Mlp,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
-    segments::Segments,
+    segments::{visible_keys, Segments},
 };
 use crate::hf::{ModelConfig, Weight, WeightReader};
 use crate::kernels;
@@ -321,9 +321,8 @@ impl<B: Backend> CausalLm<B> {
     }
 }
 
-/// The additive attention mask of packed rows, `[batch * heads, seq * seq]`: 0 where key `j` is
-/// in query `i`'s sequence and not after it (`first[i] <= j <= i`, `first` as
-/// [`Segments::run_starts`]), `-inf` elsewhere.
+/// The additive attention mask of packed rows, `[batch * heads, seq * seq]`: 0 where the key is
+/// visible ([`visible_keys`]), `-inf` elsewhere.
 fn segment_mask<B: Backend>(
     first: &[usize],
     seq: usize,
@@ -331,19 +330,9 @@ fn segment_mask<B: Backend>(
     device: &B::Device,
 ) -> Tensor<B, 2> {
     let batch = first.len() / seq;
-    let mask: Vec<f32> = first
-        .iter()
-        .enumerate()
-        .flat_map(|(q, &from)| {
-            let i = q % seq;
-            (0..seq).map(move |j| {
-                if (from..=i).contains(&j) {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
+    let mask: Vec<f32> = visible_keys(first, seq)
+        .into_iter()
+        .map(|v| if v { 0.0 } else { f32::NEG_INFINITY })
         .collect();
     Tensor::<B, 3>::from_data(TensorData::new(mask, [batch, seq, seq]), device)
         .unsqueeze_dim::<4>(1)

@@ -66,12 +66,8 @@ pub fn save<B: AutodiffBackend>(
 ) -> Result<PathBuf> {
     let dir = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let target = step_dir(run_dir, state.step);
-    let name = target
-        .file_name()
-        .expect("step-N")
-        .to_string_lossy()
-        .to_string();
+    let name = step_name(state.step);
+    let target = dir.join(&name);
     let records = optim.to_record();
     write_dir_atomically(&target, |tmp| {
         let adapter = tmp.join("adapter");
@@ -106,7 +102,11 @@ pub fn save<B: AutodiffBackend>(
 
 /// The directory of step `step`'s checkpoint (which [`save`] writes).
 pub fn step_dir(run_dir: &Path, step: usize) -> PathBuf {
-    checkpoints_dir(run_dir).join(format!("step-{step:07}"))
+    checkpoints_dir(run_dir).join(step_name(step))
+}
+
+fn step_name(step: usize) -> String {
+    format!("step-{step:07}")
 }
 
 /// (module name, lora_A id, lora_B id) of every adapted projection, in model order.
