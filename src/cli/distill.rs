@@ -6,7 +6,7 @@ use crate::device::dispatch;
 use crate::hf::{hub, ModelConfig};
 use crate::train::checkpoint::{fingerprint, load_matching, locate};
 use crate::train::config::DistillConfig;
-use crate::train::job::DistillJob;
+use crate::train::job::{DistillJob, STUDENT};
 use crate::train::recipe::Outcome;
 use crate::util::fs::absolute;
 use anyhow::{bail, Result};
@@ -140,7 +140,7 @@ pub(super) fn job(args: DistillArgs) -> Result<DistillJob> {
     let resume = match &args.resume {
         Some(explicit) => {
             let dir = locate(&run_dir, explicit.as_deref())?;
-            let student = student.clone().unwrap_or_else(|| run_dir.join("student"));
+            let student = student.clone().unwrap_or_else(|| run_dir.join(STUDENT));
             let world_size = crate::dist::world().size;
             load_matching(&dir, &fingerprint(&cfg, &teacher, &student)?, world_size)?;
             Some(dir)

@@ -22,7 +22,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// Where a run keeps the student it pruned.
-const STUDENT: &str = "student";
+pub const STUDENT: &str = "student";
 
 pub struct DistillJob {
     pub cfg: DistillConfig,
@@ -180,7 +180,7 @@ impl DistillJob {
         let student = self
             .student
             .clone()
-            .unwrap_or_else(|| self.run_dir.join("student"));
+            .unwrap_or_else(|| self.run_dir.join(STUDENT));
         let student_layers = match student.join("config.json").exists() {
             true => ModelConfig::from_dir(&student)?.num_hidden_layers,
             false => teacher.num_hidden_layers,

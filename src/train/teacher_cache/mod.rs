@@ -29,6 +29,7 @@ use crate::data::batch::{Batch, IGNORE};
 use crate::data::instruct::templates;
 use crate::data::mixture::Mixture;
 use crate::device::Job;
+use crate::hf::ModelConfig;
 use crate::model::chunk::{row_chunks, rows_per_chunk};
 use crate::model::{CausalLm, Pretrained, Rope};
 use crate::util::progress_bar;
@@ -123,16 +124,17 @@ impl Job for CacheJob {
                 self.out.display()
             );
         }
+        // The vocabulary from config.json, before hashing or loading the weights.
+        let vocab_size = ModelConfig::from_dir(&self.teacher)?.vocab_size;
+        if self.top_k == 0 || self.top_k > vocab_size {
+            bail!(
+                "--top-k {}: must be between 1 and the vocabulary size {vocab_size}",
+                self.top_k
+            );
+        }
         let tokenizer = self.teacher.join("tokenizer.json");
         let fingerprint = fingerprint(&self.cfg, &self.teacher, &tokenizer)?;
         let teacher = Pretrained::<B>::load(&self.teacher, &device)?;
-        if self.top_k == 0 || self.top_k > teacher.config.vocab_size {
-            bail!(
-                "--top-k {}: must be between 1 and the vocabulary size {}",
-                self.top_k,
-                teacher.config.vocab_size
-            );
-        }
         let mut data = Mixture::load(&self.cfg.data, &teacher.tokenizer)?;
         // One process makes the cache: it holds every sequence of a run of one epoch or more,
         // whatever the ranks that read it.

@@ -449,6 +449,17 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
             ],
             vec!["--dtype", "f64"],
         ),
+        // teacher-cache: k beyond the vocabulary, refused before the teacher loads
+        (
+            vec![
+                "teacher-cache".into(),
+                "--top-k".into(),
+                "1000000".into(),
+                "--out".into(),
+                s(&t.join("c1")),
+            ],
+            vec!["--top-k", "1000000", "vocabulary"],
+        ),
     ];
     assert!(cases.len() >= 32, "the catalogue covers every class");
     for (args, needles) in &cases {
@@ -461,6 +472,10 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
         assert_clean_failure(&args.join(" "), &out, needles);
     }
     assert!(!samples.exists() && !t.join("p1").exists() && !t.join("e1").exists());
+    assert!(
+        !t.join("c1").exists(),
+        "no cache directory for a refused --top-k"
+    );
     assert_eq!(
         before,
         repository_files(),
