@@ -193,9 +193,8 @@ fn force_replacements_survive_kills_at_any_moment() {
     let o = out.to_str().unwrap();
     let m = fixture("tiny-qwen3");
     let m = m.to_str().unwrap();
-    kill_while_replacing(
-        &out,
-        &[
+    let prune = |max_compression| {
+        [
             "prune",
             "--model",
             m,
@@ -211,34 +210,16 @@ fn force_replacements_survive_kills_at_any_moment() {
             "--interval",
             "1",
             "--max-compression",
-            "0.5",
-        ],
-        &[
-            "prune",
-            "--model",
-            m,
-            "--out",
-            o,
-            "--force",
-            "--merge-mode",
-            "last",
-            "--threshold",
-            "0",
-            "--lowest-layer",
-            "1",
-            "--interval",
-            "1",
-            "--max-compression",
-            "0.3",
-        ],
-    );
+            max_compression,
+        ]
+    };
+    kill_while_replacing(&out, &prune("0.5"), &prune("0.3"));
     let merged = tmp.path().join("merged");
     let e = merged.to_str().unwrap();
     let a = fixture("tiny-qwen3-lora");
     let a = a.to_str().unwrap();
-    kill_while_replacing(
-        &merged,
-        &[
+    let export = |dtype| {
+        [
             "export",
             "--model",
             m,
@@ -248,21 +229,10 @@ fn force_replacements_survive_kills_at_any_moment() {
             e,
             "--force",
             "--dtype",
-            "f32",
-        ],
-        &[
-            "export",
-            "--model",
-            m,
-            "--adapter",
-            a,
-            "--out",
-            e,
-            "--force",
-            "--dtype",
-            "bf16",
-        ],
-    );
+            dtype,
+        ]
+    };
+    kill_while_replacing(&merged, &export("f32"), &export("bf16"));
 }
 
 #[test]
