@@ -3,15 +3,11 @@
 
 use super::{at_least_one, print_json, Common};
 use crate::device::dispatch;
-use crate::hf::{hub, ModelConfig};
-use crate::train::checkpoint::{fingerprint, load_matching, locate};
-use crate::train::config::DistillConfig;
-use crate::train::job::{DistillJob, STUDENT};
+use crate::train::job::{DistillJob, Overrides};
 use crate::train::recipe::Outcome;
-use crate::util::fs::absolute;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Train LoRA adapters on a pruned student so that it matches the teacher's next-token
 /// distributions (KD mixed with cross-entropy) on instruction data.
@@ -24,27 +20,14 @@ use std::path::{Path, PathBuf};
 /// SIGINT/SIGTERM, after which the run exits 0 and --resume continues it exactly).
 #[derive(Args, Debug)]
 pub struct DistillArgs {
-    /// TOML config (see configs/); default: the embedded configs/tiny.toml.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// `base` (the config's unpruned base model), a model directory or a Hugging Face id in
-    /// the local cache (`ORG/NAME[@revision]`).
-    #[arg(long, default_value = "base")]
-    pub teacher: String,
-    /// The pruned student (a `prune` output, or a Hugging Face id in the local cache); default:
-    /// prune the base into RUN_DIR/student.
-    #[arg(long)]
-    pub student: Option<PathBuf>,
+    #[command(flatten)]
+    pub job: JobArgs,
     /// Run directory (overrides output.run_dir).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Optimiser steps (overrides optim.max_steps).
     #[arg(long, value_parser = at_least_one())]
     pub max_steps: Option<usize>,
-    /// Parquet files or Hugging Face dataset ids in the local cache (override data.files, with
-    /// equal weights).
-    #[arg(long, num_args = 1..)]
-    pub data: Vec<PathBuf>,
     /// Continue from the newest complete checkpoint in RUN_DIR, or from the checkpoint
     /// directory given. The config must match the checkpoint's (max_steps, eval and checkpoint
     /// settings may change).
@@ -57,15 +40,71 @@ pub struct DistillArgs {
     /// base model and [laco] settings is kept).
     #[arg(long, conflicts_with = "resume")]
     pub force: bool,
+}
+
+/// A distill config and the teacher and data that replace its own: the flags `distill`, `bench`
+/// and `teacher-cache` share.
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    /// TOML config (see configs/); default: the embedded configs/tiny.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// `base` (the config's unpruned base model), a model directory or a Hugging Face id in
+    /// the local cache (`ORG/NAME[@revision]`).
+    #[arg(long, default_value = "base")]
+    pub teacher: String,
+    /// Parquet files or Hugging Face dataset ids in the local cache (override data.files, with
+    /// equal weights).
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
 
+impl ConfigArgs {
+    /// The teacher and data as overrides of the config.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            teacher: (self.teacher != "base").then(|| PathBuf::from(&self.teacher)),
+            data: self.data.clone(),
+            ..Overrides::default()
+        }
+    }
+}
+
+/// [`ConfigArgs`] and the student: the flags `distill` and `bench` share.
+#[derive(Args, Debug)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub setup: ConfigArgs,
+    /// The pruned student (a `prune` output, or a Hugging Face id in the local cache); default:
+    /// prune the config's base model into RUN_DIR/student.
+    #[arg(long)]
+    pub student: Option<PathBuf>,
+}
+
+impl JobArgs {
+    /// Teacher, student and data as overrides of the config.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            student: self.student.clone(),
+            ..self.setup.overrides()
+        }
+    }
+}
+
 pub fn run(args: DistillArgs) -> Result<()> {
-    let (device, dtype, json) = (args.common.device, args.common.dtype, args.common.json);
-    let force = args.force;
-    let job = job(args)?;
-    job.prepare(force)?;
+    let c = &args.job.setup.common;
+    let (device, dtype, json) = (c.device, c.dtype, c.json);
+    let overrides = Overrides {
+        resume: args.resume,
+        run_dir: args.out,
+        max_steps: args.max_steps,
+        save_every: args.save_every,
+        ..args.job.overrides()
+    };
+    let job = DistillJob::new(args.job.setup.config.as_deref(), &overrides)?;
+    job.prepare(args.force)?;
     match dispatch(device, dtype, job)? {
         Outcome::Finished(summary) => {
             if json {
@@ -85,73 +124,4 @@ pub fn run(args: DistillArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The job the arguments describe, checked as far as possible before any model loads.
-pub(super) fn job(args: DistillArgs) -> Result<DistillJob> {
-    let mut cfg = DistillConfig::load(args.config.as_deref())?;
-    if let Some(n) = args.max_steps {
-        cfg.optim.max_steps = n;
-    }
-    let origin = args
-        .config
-        .as_ref()
-        .map_or("configs/tiny.toml (embedded)".into(), |p| {
-            p.display().to_string()
-        });
-    cfg.resolve_hub_ids(&origin)?;
-    if !args.data.is_empty() {
-        cfg.data.files = args.data.clone();
-        cfg.data.weights.clear();
-        cfg.data.resolve(Path::new("."), "--data")?;
-    }
-    if let Some(out) = &args.out {
-        cfg.output.run_dir = absolute(out)?;
-    }
-    if let Some(n) = args.save_every {
-        cfg.checkpoint.every = n;
-    }
-    cfg.validate("command line")?;
-    let model = |spec: &Path, what: &str| -> Result<PathBuf> {
-        absolute(&hub::model_dir(spec, spec, None, what)?)
-    };
-    let teacher = if args.teacher == "base" {
-        cfg.model.base.clone()
-    } else {
-        model(Path::new(&args.teacher), "--teacher")?
-    };
-    let student = args
-        .student
-        .as_deref()
-        .map(|s| model(s, "--student"))
-        .transpose()?;
-    for (what, dir) in [("model.base", &cfg.model.base), ("teacher", &teacher)] {
-        if !dir.join("config.json").exists() {
-            bail!("{}: not a model directory ({what})", dir.display());
-        }
-    }
-    if student.is_none() {
-        // The base is pruned with these settings: check them against its layers now.
-        let layers = ModelConfig::from_dir(&cfg.model.base)?.num_hidden_layers;
-        cfg.laco.validate(layers, &format!("{origin}: laco"))?;
-    }
-    let run_dir = cfg.output.run_dir.clone();
-    // A resume that cannot continue fails here, before any model is loaded or pruned.
-    let resume = match &args.resume {
-        Some(explicit) => {
-            let dir = locate(&run_dir, explicit.as_deref())?;
-            let student = student.clone().unwrap_or_else(|| run_dir.join(STUDENT));
-            let world_size = crate::dist::world().size;
-            load_matching(&dir, &fingerprint(&cfg, &teacher, &student)?, world_size)?;
-            Some(dir)
-        }
-        None => None,
-    };
-    Ok(DistillJob {
-        cfg,
-        teacher,
-        student,
-        run_dir,
-        resume,
-    })
 }

@@ -2,17 +2,13 @@
 //! HellaSwag, scored as lm-evaluation-harness scores them.
 
 use super::{at_least_one, at_least_two, print_json, Common, ModelArgs};
-use crate::device::{dispatch, Job};
-use crate::eval::choice::{score_on, write_samples, Accuracy, Question};
-use crate::eval::ppl::perplexity_on;
+use crate::device::dispatch;
+use crate::eval::job::{EvalJob, Task as Measure};
 use crate::eval::{mmlu, zero_shot};
-use crate::model::Pretrained;
 use crate::util::fs::check_writable;
-use crate::util::progress_bar;
-use anyhow::{bail, Result};
-use burn::tensor::backend::Backend;
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Task {
@@ -78,185 +74,61 @@ pub struct EvalArgs {
     pub common: Common,
 }
 
-impl Job for EvalArgs {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let pre = self.model.load::<B>(&device)?;
-        match self.task {
-            Task::Ppl => self.ppl(pre),
-            Task::Mmlu => self.mmlu(pre),
-            Task::Piqa => self.zero_shot(pre, zero_shot::Task::Piqa),
-            Task::Boolq => self.zero_shot(pre, zero_shot::Task::Boolq),
-            Task::Hellaswag => self.zero_shot(pre, zero_shot::Task::Hellaswag),
-        }
-    }
-}
-
-impl EvalArgs {
-    /// The model as the user named it, for messages.
-    fn model_name(&self) -> &Path {
-        self.model
-            .model
-            .as_deref()
-            .unwrap_or(Path::new("the bundled model"))
-    }
-
-    fn ppl<B: Backend>(self, pre: Pretrained<B>) -> Result<()> {
-        let path = self.text.clone().expect("checked in run");
-        let text = crate::data::read_text(&path)?;
-        let mut ids = pre.tokenizer.encode(&text)?;
-        if let Some(n) = self.max_tokens {
-            ids.truncate(n);
-        }
-        if ids.len() < 2 {
-            bail!(
-                "{}: {} tokens; perplexity needs at least 2",
-                path.display(),
-                ids.len()
-            );
-        }
-        let bar = progress_bar("ppl");
-        let started = std::time::Instant::now();
-        // Under mpirun or srun each rank measures its share of the windows.
-        let r = perplexity_on(
-            crate::dist::world(),
-            &pre.lm,
-            &pre.rope,
-            &ids,
-            self.window,
-            self.batch_size,
-            &bar,
-        )?;
-        bar.finish_and_clear();
-        if !r.ppl.is_finite() {
-            bail!(
-                "{}: perplexity is {} (mean NLL {}): the model's logits are not finite (NaN weights?)",
-                self.model_name().display(),
-                r.ppl,
-                r.mean_nll
-            );
-        }
-        let secs = started.elapsed().as_secs_f64();
-        let tokens_per_sec = ids.len() as f64 / secs;
-        eprintln!(
-            "ppl {:.4}  mean_nll {:.6}  predicted {}  ({:.1}s, {:.0} tokens/s)",
-            r.ppl, r.mean_nll, r.predicted_tokens, secs, tokens_per_sec
-        );
-        if self.common.json {
-            print_json(&serde_json::json!({
-                "task": "ppl", "ppl": r.ppl, "mean_nll": r.mean_nll,
-                "predicted_tokens": r.predicted_tokens, "tokens_per_sec": tokens_per_sec,
-            }));
-        } else {
-            println!("ppl {:.4}", r.ppl);
-        }
-        Ok(())
-    }
-
-    fn mmlu<B: Backend>(self, pre: Pretrained<B>) -> Result<()> {
-        let selection = mmlu::Selection {
-            shots: self.shots,
-            subjects: self.subjects.clone(),
-            limit: self.limit,
-        };
-        let questions = mmlu::load(self.data.as_deref(), &selection)?;
-        let (scored, per_sec) = self.scored(&pre, &questions, "mmlu")?;
-        let report = mmlu::report(&questions, &scored);
-        print!("{}", report.table());
-        if self.common.json {
-            let mut v = serde_json::to_value(&report).expect("report serialises");
-            v["task"] = "mmlu".into();
-            v["shots"] = self.shots.into();
-            v["questions_per_sec"] = per_sec.into();
-            print_json(&v);
-        }
-        Ok(())
-    }
-
-    fn zero_shot<B: Backend>(self, pre: Pretrained<B>, task: zero_shot::Task) -> Result<()> {
-        let data = self.data.clone().expect("checked in run");
-        let questions = zero_shot::load(task, &data, self.limit)?;
-        let (scored, per_sec) = self.scored(&pre, &questions, task.name())?;
-        let (mut acc, mut acc_norm) = (Accuracy::default(), Accuracy::default());
-        for (q, s) in questions.iter().zip(&scored) {
-            acc.add(s.pred == q.answer);
-            acc_norm.add(s.pred_norm == q.answer);
-        }
-        let mut line = format!("{}  acc {:.4}", task.name(), acc.value());
-        let mut v = serde_json::json!({
-            "task": task.name(), "acc": acc.value(), "questions": acc.total,
-            "questions_per_sec": per_sec,
-        });
-        if task.has_acc_norm() {
-            line.push_str(&format!("  acc_norm {:.4}", acc_norm.value()));
-            v["acc_norm"] = acc_norm.value().into();
-        }
-        println!("{line}  questions {}", acc.total);
-        if self.common.json {
-            print_json(&v);
-        }
-        Ok(())
-    }
-
-    /// Scores `questions` under a progress bar, writes --log-samples, returns questions/s.
-    fn scored<B: Backend>(
-        &self,
-        pre: &Pretrained<B>,
-        questions: &[Question],
-        label: &str,
-    ) -> Result<(Vec<crate::eval::choice::Scored>, f64)> {
-        let bar = progress_bar(label);
-        bar.set_length(questions.len() as u64);
-        let started = std::time::Instant::now();
-        let world = crate::dist::world();
-        let scored = score_on(
-            world,
-            &pre.lm,
-            &pre.rope,
-            &pre.tokenizer,
-            pre.config.max_length,
-            questions,
-            self.batch_size,
-            &bar,
-        )?;
-        bar.finish_and_clear();
-        if scored
-            .iter()
-            .any(|s| s.loglik.iter().any(|l| !l.is_finite()))
-        {
-            bail!(
-                "{}: log-likelihoods are not finite: the model's logits are not finite (NaN weights?)",
-                self.model_name().display()
-            );
-        }
-        let secs = started.elapsed().as_secs_f64();
-        let per_sec = questions.len() as f64 / secs;
-        eprintln!(
-            "{label}: {} questions in {secs:.1}s ({per_sec:.2} questions/s)",
-            questions.len()
-        );
-        if let Some(path) = self.log_samples.as_ref().filter(|_| world.is_root()) {
-            write_samples(path, questions, &scored)?;
-        }
-        Ok((scored, per_sec))
-    }
-}
-
 pub fn run(args: EvalArgs) -> Result<()> {
-    match args.task {
-        Task::Ppl if args.text.is_none() => bail!("--task ppl needs --text FILE"),
-        Task::Piqa | Task::Boolq | Task::Hellaswag if args.data.is_none() => {
-            bail!(
-                "--task {} needs --data FILE|DIR (its Hugging Face Parquet)",
-                args.task.to_possible_value().expect("named").get_name()
-            )
+    let task = match args.task {
+        Task::Ppl => Measure::Ppl {
+            text: args
+                .text
+                .ok_or_else(|| anyhow!("--task ppl needs --text FILE"))?,
+            window: args.window,
+            max_tokens: args.max_tokens,
+        },
+        Task::Mmlu => Measure::Mmlu {
+            data: args.data,
+            selection: mmlu::Selection {
+                shots: args.shots,
+                subjects: args.subjects,
+                limit: args.limit,
+            },
+        },
+        Task::Piqa | Task::Boolq | Task::Hellaswag => {
+            let task = match args.task {
+                Task::Piqa => zero_shot::Task::Piqa,
+                Task::Boolq => zero_shot::Task::Boolq,
+                _ => zero_shot::Task::Hellaswag,
+            };
+            let Some(data) = args.data else {
+                bail!(
+                    "--task {} needs --data FILE|DIR (its Hugging Face Parquet)",
+                    task.name()
+                );
+            };
+            Measure::ZeroShot {
+                task,
+                data,
+                limit: args.limit,
+            }
         }
-        _ => {}
-    }
+    };
     if let Some(path) = &args.log_samples {
         // Fails now, not after hours of evaluation.
         check_writable(path, "--log-samples")?;
     }
-    let common = args.common.clone();
-    dispatch(common.device, common.dtype, args)
+    let ppl = matches!(task, Measure::Ppl { .. });
+    let eval = EvalJob {
+        model: args.model.source()?,
+        task,
+        batch_size: args.batch_size,
+        log_samples: args.log_samples,
+    };
+    let c = args.common;
+    let report = dispatch(c.device, c.dtype, eval)?;
+    // Perplexity prints its line or, with --json, only the JSON.
+    if !(ppl && c.json) {
+        print!("{}", report.text);
+    }
+    if c.json {
+        print_json(&report.json);
+    }
+    Ok(())
 }

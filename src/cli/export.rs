@@ -1,11 +1,12 @@
 //! `laco-train export`: a PEFT LoRA adapter merged into its model, written as a plain Hugging
 //! Face directory.
 
-use super::{print_json, refuse_existing, resolve_model};
-use crate::device::{dispatch, DeviceChoice, Job, Precision};
+use super::{print_json, refuse_existing, Common};
+use crate::device::{dispatch, Job, Precision};
 use crate::export::export_into;
 use crate::hf::peft::ADAPTER_CONFIG;
 use crate::hf::ModelConfig;
+use crate::model::source::resolve;
 use crate::util::refuse_overlap;
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
@@ -22,8 +23,9 @@ use std::path::PathBuf;
 /// Every adapted projection gets W + scaling x (B A) (scaling = lora_alpha / r, or
 /// lora_alpha / sqrt(r) with rsLoRA), computed in f32, as PEFT's merge_and_unload does; the
 /// merged model's logits equal those of the model with the adapter applied. The output holds
-/// config.json (dtype set to the written dtype), the weights under the model's own tensor names
-/// (as many safetensors files as the model had), and the model's tokenizer and generation files.
+/// config.json (dtype set to the written dtype, --save-dtype), the weights under the model's own
+/// tensor names (as many safetensors files as the model had), and the model's tokenizer and
+/// generation files.
 /// It is written to a temporary directory beside --out and renamed into place, so --out appears
 /// whole or not at all. The weights are held in f32 while merging (4 bytes a parameter).
 ///
@@ -45,16 +47,14 @@ pub struct ExportArgs {
     pub out: PathBuf,
     /// Dtype of the written weights; default: the dtype --model stores its weights in.
     #[arg(long, value_enum)]
-    pub dtype: Option<WeightDtype>,
+    pub save_dtype: Option<WeightDtype>,
     /// Replace --out if it exists.
     #[arg(long)]
     pub force: bool,
-    /// Where to merge: cpu, cuda or cuda:N (cuda needs a binary built with --features cuda).
-    #[arg(long, default_value = "cpu", value_parser = clap::value_parser!(DeviceChoice))]
-    pub device: DeviceChoice,
-    /// Print {"out": DIR, "dtype": ..., "merged_modules": N} as the last line of stdout.
-    #[arg(long)]
-    pub json: bool,
+    // --device: where to merge; --dtype: auto or f32 (the merge is computed in f32); --json
+    // prints {"out": DIR, "dtype": ..., "merged_modules": N}.
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// A dtype the written safetensors can hold.
@@ -94,7 +94,7 @@ impl WeightDtype {
 impl Job for ExportArgs {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let dtype = self.dtype.map(WeightDtype::safetensors);
+        let dtype = self.save_dtype.map(WeightDtype::safetensors);
         let done = export_into::<B>(&self.model, &self.adapter, &self.out, dtype, &device)?;
         let dtype = WeightDtype::of(done.dtype).name();
         eprintln!(
@@ -103,7 +103,7 @@ impl Job for ExportArgs {
             self.out.display(),
             done.seconds
         );
-        if self.json {
+        if self.common.json {
             print_json(&serde_json::json!({
                 "out": self.out.display().to_string(),
                 "dtype": dtype,
@@ -116,14 +116,21 @@ impl Job for ExportArgs {
 
 pub fn run(mut args: ExportArgs) -> Result<()> {
     // What can be wrong with the request is checked before any weights load.
-    args.model = resolve_model(&args.model, args.revision.as_deref(), "--model")?;
-    args.adapter = resolve_model(&args.adapter, None, "--adapter")?;
+    args.model = resolve(&args.model, args.revision.as_deref(), "--model")?;
+    args.adapter = resolve(&args.adapter, None, "--adapter")?;
     ModelConfig::from_dir(&args.model)?;
     let adapter_config = args.adapter.join(ADAPTER_CONFIG);
     if !adapter_config.is_file() {
         bail!(
             "{}: not found (--adapter must be a PEFT adapter directory)",
             adapter_config.display()
+        );
+    }
+    if !matches!(args.common.dtype, Precision::Auto | Precision::F32) {
+        let name = args.common.dtype.to_possible_value().expect("named");
+        bail!(
+            "--dtype {}: export merges in f32 (--save-dtype sets the dtype of the written weights)",
+            name.get_name()
         );
     }
     refuse_existing(&args.out, args.force)?;
@@ -133,5 +140,5 @@ pub fn run(mut args: ExportArgs) -> Result<()> {
         &[("model", &args.model), ("adapter", &args.adapter)],
     )?;
     // The merge is computed in f32 whatever the written dtype.
-    dispatch(args.device, Precision::F32, args)
+    dispatch(args.common.device, Precision::F32, args)
 }

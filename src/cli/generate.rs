@@ -3,6 +3,7 @@
 use super::{print_json, Common, ModelArgs};
 use crate::device::{dispatch, Job};
 use crate::model::generate::{generate, Sampling};
+use crate::model::source::ModelSource;
 use crate::util::check::{fraction_flag, non_negative_flag};
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
@@ -36,28 +37,34 @@ pub struct GenerateArgs {
     pub common: Common,
 }
 
-impl Job for GenerateArgs {
+/// The arguments with their model resolved.
+struct Generation {
+    args: GenerateArgs,
+    model: ModelSource,
+}
+
+impl Job for Generation {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let pre = self.model.load::<B>(&device)?;
-        let prompt = pre.tokenizer.encode(&self.prompt)?;
+        let (pre, args) = (self.model.load::<B>(&device)?, self.args);
+        let prompt = pre.tokenizer.encode(&args.prompt)?;
         if prompt.is_empty() {
             bail!("--prompt: encodes to no tokens");
         }
         let sampling = Sampling {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            seed: self.seed,
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
         };
-        let eos = if self.stop_at_eos {
+        let eos = if args.stop_at_eos {
             pre.tokenizer.eos_id()
         } else {
             None
         };
         let mut printed = String::new();
         let mut new_ids = Vec::new();
-        let stream = !self.common.json;
-        let ids = generate(&pre, &prompt, self.max_new_tokens, &sampling, eos, |id| {
+        let stream = !args.common.json;
+        let ids = generate(&pre, &prompt, args.max_new_tokens, &sampling, eos, |id| {
             new_ids.push(id);
             if stream {
                 // Decode everything so far and print only the new suffix: byte-level tokens can
@@ -82,7 +89,7 @@ impl Job for GenerateArgs {
             println!();
         } else {
             print_json(&serde_json::json!({
-                "task": "generate", "prompt": self.prompt, "prompt_ids": prompt,
+                "task": "generate", "prompt": args.prompt, "prompt_ids": prompt,
                 "new_ids": ids, "text": text,
             }));
         }
@@ -97,6 +104,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1] (got {})", args.top_p);
     }
-    let common = args.common.clone();
-    dispatch(common.device, common.dtype, args)
+    let (common, model) = (args.common.clone(), args.model.source()?);
+    dispatch(common.device, common.dtype, Generation { args, model })
 }

@@ -10,12 +10,10 @@ mod prune;
 mod teacher_cache;
 
 use crate::device::{DeviceChoice, Precision};
+use crate::model::source::ModelSource;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
-
-/// The tiny Qwen3 bundled with laco-train, used when `--model` is not given.
-pub const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-qwen3");
 
 #[derive(Parser, Debug)]
 #[command(
@@ -89,36 +87,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn load<B: burn::tensor::backend::Backend>(
-        &self,
-        device: &B::Device,
-    ) -> Result<crate::model::Pretrained<B>> {
-        let dir = model_or_bundled(&self.model, self.revision.as_deref())?;
-        let mut pre = crate::model::Pretrained::<B>::load(&dir, device)?;
-        if let Some(adapter) = &self.adapter {
-            let dir = resolve_model(adapter, None, "--adapter")?;
-            crate::model::adapter::load_adapter(&mut pre.lm, &dir, device)?;
-        }
-        Ok(pre)
+    /// The model and adapter the flags name, resolved before any weights load.
+    pub fn source(&self) -> Result<ModelSource> {
+        ModelSource::resolve(
+            self.model.as_deref(),
+            self.revision.as_deref(),
+            self.adapter.as_deref(),
+        )
     }
-}
-
-/// `--model`: a directory or a Hugging Face id in the local cache; without it the bundled tiny
-/// model, when this binary's source tree (where it lives) is still there.
-pub fn model_or_bundled(model: &Option<PathBuf>, revision: Option<&str>) -> Result<PathBuf> {
-    match model {
-        Some(spec) => resolve_model(spec, revision, "--model"),
-        None if Path::new(BUNDLED_MODEL).is_dir() => Ok(PathBuf::from(BUNDLED_MODEL)),
-        None => bail!(
-            "--model: not given, and the bundled tiny model is not at {BUNDLED_MODEL} (it lives in \
-             the source tree this binary was built from); pass --model DIR or ORG/NAME"
-        ),
-    }
-}
-
-/// A model or adapter flag: a directory, or a Hugging Face id in the local cache.
-pub fn resolve_model(spec: &Path, revision: Option<&str>, flag: &str) -> Result<PathBuf> {
-    crate::hf::hub::model_dir(spec, spec, revision, flag)
 }
 
 /// A count flag that must be at least 1.

@@ -1,9 +1,12 @@
 //! `laco-train prune`: LaCo layer collapse into a new Hugging Face directory.
 
-use super::{at_least_one, model_or_bundled, print_json, refuse_existing, Common};
+use super::{at_least_one, print_json, refuse_existing, Common};
 use crate::device::{dispatch, Job};
 use crate::hf::ModelConfig;
-use crate::prune::{calibration_lines, prune_into, settings::LacoTable, LacoSettings, MergeMode};
+use crate::model::source::model_or_bundled;
+use crate::prune::{
+    calibration_lines, prune_into, settings::LacoTable, LacoSettings, MergeMode, CALIBRATION_BATCH,
+};
 use crate::util::check::parse_toml;
 use crate::util::refuse_overlap;
 use anyhow::{Context, Result};
@@ -63,7 +66,7 @@ pub struct PruneArgs {
     #[arg(long)]
     pub calibration_tokens: Option<usize>,
     /// Calibration sentences per forward pass.
-    #[arg(long, default_value_t = 8, value_parser = at_least_one())]
+    #[arg(long, default_value_t = CALIBRATION_BATCH, value_parser = at_least_one())]
     pub batch_size: usize,
     /// Replace --out if it exists.
     #[arg(long)]
@@ -132,7 +135,7 @@ impl Job for PruneJob {
 
 pub fn run(args: PruneArgs) -> Result<()> {
     // Everything that can be wrong with the request is checked before any weights load.
-    let model = model_or_bundled(&args.model, args.revision.as_deref())?;
+    let model = model_or_bundled(args.model.as_deref(), args.revision.as_deref())?;
     let settings = args.settings()?;
     let config = ModelConfig::from_dir(&model)?;
     let origin = args

@@ -5,8 +5,8 @@
 //! per request; longer continuations (HellaSwag's endings) run as one batch per request on top of
 //! that request's own context.
 
-use super::ppl::token_logprobs;
 use crate::hf::Tokenizer;
+use crate::model::logprobs::token_logprobs;
 use crate::model::{
     cache::KvCache,
     chunk::{row_chunks, rows_per_chunk},

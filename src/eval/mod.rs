@@ -1,6 +1,7 @@
 //! Evaluation tasks.
 
 pub mod choice;
+pub mod job;
 pub mod loglik;
 pub mod mmlu;
 pub mod ppl;

@@ -3,9 +3,9 @@
 use super::{
     cache::KvCache,
     linear::Linear,
+    mask::Mask,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
-    segments::visible_keys,
 };
 use crate::hf::{Family, ModelConfig, Weight, WeightReader};
 use crate::kernels::{self, KeyMask};
@@ -13,7 +13,7 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{
     activation::softmax, backend::Backend, module::attention, ops::AttentionModuleOptions, Bool,
-    Tensor, TensorData,
+    Tensor,
 };
 
 /// The projections' Hugging Face names, in the order of the module's weights.
@@ -21,85 +21,6 @@ pub const PROJECTIONS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 
 /// Queries per block of a causal attention pass longer than this.
 const QUERY_BLOCK: usize = 256;
-
-/// How one forward pass masks attention (always causal), chosen once for all its layers.
-pub enum Mask<B: Backend> {
-    /// For the generic path: additive, `[1, seq * keys]` (causal) or `[batch * heads, seq * keys]`
-    /// (padding, packed rows); `None` when nothing is masked.
-    Additive(Option<Tensor<B, 2>>),
-    /// For [`kernels::attention`]: `batch * keys` flags, true where a key is padding.
-    Fused(Option<Vec<bool>>),
-    /// For burn's `module::attention` (inference on the GPU backends, and on the CPU with the
-    /// kernels off): `[batch or 1, 1, seq, keys]`, true where masked, with the causal diagonal
-    /// in it; `None` when only the causal mask of a pass without a cache applies (`causal`),
-    /// or nothing is masked.
-    Burn {
-        mask: Option<Tensor<B, 4, Bool>>,
-        causal: bool,
-    },
-    /// For [`kernels::attention`] on packed rows: per key the index of its sequence's first key
-    /// within the row (`batch * keys`); a query sees its own sequence's keys up to itself.
-    Segments(Vec<usize>),
-}
-
-impl<B: Backend> Mask<B> {
-    /// The [`Mask::Burn`] of queries at `start..start+seq` over keys `0..start+seq`, padded keys
-    /// (`[batch, keys]`, true on padding) masked. With a KV cache (`start > 0`) the causal mask is
-    /// explicit: burn's flash kernel aligns `is_causal` to the top left, its fallback and Flex to
-    /// the bottom right, which differ when there are more keys than queries.
-    pub fn burn(
-        start: usize,
-        seq: usize,
-        key_padding: Option<&Tensor<B, 2, Bool>>,
-        device: &B::Device,
-    ) -> Self {
-        if start == 0 && key_padding.is_none() {
-            return Self::Burn {
-                mask: None,
-                causal: seq > 1,
-            };
-        }
-        if seq == 1 && key_padding.is_none() {
-            return Self::Burn {
-                mask: None,
-                causal: false,
-            };
-        }
-        let keys = start + seq;
-        let above: Vec<bool> = (0..seq)
-            .flat_map(|i| (0..keys).map(move |j| j > start + i))
-            .collect();
-        let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(above, [seq, keys]), device)
-            .reshape([1, 1, seq, keys]);
-        let mask = match key_padding {
-            None => causal,
-            Some(padding) => {
-                let batch = padding.dims()[0];
-                let padding = padding.clone().reshape([batch, 1, 1, keys]);
-                causal
-                    .expand([batch, 1, seq, keys])
-                    .bool_or(padding.expand([batch, 1, seq, keys]))
-            }
-        };
-        Self::Burn {
-            mask: Some(mask),
-            causal: false,
-        }
-    }
-
-    /// The [`Mask::Burn`] of packed rows of `seq` positions: a query at `i` sees the keys
-    /// `first[i]..=i` of its row (`first` as [`super::Segments::run_starts`]).
-    pub fn burn_segments(first: &[usize], seq: usize, device: &B::Device) -> Self {
-        let batch = first.len() / seq;
-        let masked: Vec<bool> = visible_keys(first, seq).into_iter().map(|v| !v).collect();
-        let mask =
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [batch, 1, seq, seq]), device);
-        Self::Burn {
-            mask: Some(mask),
-            causal: false,
-        }
-    }
-}
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {

@@ -3,19 +3,19 @@
 //! `model.norm`, `lm_head`.
 
 use super::{
-    attention::{Attention, Mask},
+    attention::Attention,
     cache::KvCache,
     linear::Linear,
+    mask::{Keys, Mask},
     mlp::Mlp,
     norm::RmsNorm,
     rope::{Rope, RopeAt},
-    segments::{visible_keys, Segments},
+    segments::Segments,
 };
 use crate::hf::{ModelConfig, Weight, WeightReader};
-use crate::kernels;
 use anyhow::Result;
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, module::embedding, Bool, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, module::embedding, Bool, Int, Tensor};
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
@@ -164,38 +164,19 @@ impl<B: Backend> CausalLm<B> {
         ids: Tensor<B, 2, Int>,
         rope: &Rope<B>,
         key_padding: Option<&Tensor<B, 2, Bool>>,
-        mut cache: Option<&mut KvCache<B>>,
-        mut layer_inputs: Option<&mut Vec<Tensor<B, 3>>>,
+        cache: Option<&mut KvCache<B>>,
+        layer_inputs: Option<&mut Vec<Tensor<B, 3>>>,
     ) -> Tensor<B, 3> {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let [_, seq] = ids.dims();
         let attn = &self.model.layers[0].self_attn;
-        let device = ids.device();
-        let pos = rope.at(start, seq, attn.num_heads, attn.num_kv_heads, &device);
-        let mut x = embedding(self.model.embed_tokens.val(), ids);
-        // Attention: the CPU kernels where they run; else, without autodiff (teacher, eval,
-        // generation), burn's fused attention; else (training on another backend) tensor ops.
-        let mask = if kernels::fused_attention::<B>(x.dtype()) {
-            Mask::Fused(key_padding.map(|p| p.clone().into_data().iter::<bool>().collect()))
-        } else if !B::ad_enabled(&device) {
-            Mask::burn(start, seq, key_padding, &device)
-        } else {
-            Mask::Additive(attention_mask::<B>(
-                start,
-                seq,
-                attn.num_heads,
-                key_padding,
-                &device,
-            ))
+        let pos = rope.at(start, seq, attn.num_heads, attn.num_kv_heads, &ids.device());
+        let keys = Keys::Causal {
+            start,
+            seq,
+            key_padding,
         };
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            if let Some(inputs) = layer_inputs.as_deref_mut() {
-                inputs.push(x.clone());
-            }
-            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(x, rope, &pos, &mask, layer_cache);
-        }
-        self.model.norm.forward(x)
+        self.decode(ids, rope, &pos, keys, cache, layer_inputs)
     }
 
     /// [`CausalLm::hidden`] of packed rows: each sequence of `segments` has its own rotary
@@ -212,31 +193,41 @@ impl<B: Backend> CausalLm<B> {
         let [batch, seq] = ids.dims();
         assert_eq!((segments.batch(), segments.seq()), (batch, seq));
         let attn = &self.model.layers[0].self_attn;
-        let device = ids.device();
-        let positions = segments.positions();
         let pos = rope.at_positions(
-            &positions,
+            &segments.positions(),
             batch,
             attn.num_heads,
             attn.num_kv_heads,
-            &device,
+            &ids.device(),
         );
-        let mut x = embedding(self.model.embed_tokens.val(), ids);
-        let first = segments.run_starts();
-        let mask = if kernels::fused_attention::<B>(x.dtype()) {
-            Mask::Segments(first)
-        } else if !B::ad_enabled(&device) {
-            Mask::burn_segments(&first, seq, &device)
-        } else {
-            Mask::Additive(Some(segment_mask::<B>(
-                &first,
-                seq,
-                attn.num_heads,
-                &device,
-            )))
+        let keys = Keys::Packed {
+            first: segments.run_starts(),
+            seq,
         };
-        for layer in &self.model.layers {
-            x = layer.forward(x, rope, &pos, &mask, None);
+        self.decode(ids, rope, &pos, keys, None, None)
+    }
+
+    /// The body of [`CausalLm::hidden`] and [`CausalLm::hidden_packed`]: embeddings, the
+    /// layers under the mask of `keys` (chosen once for all of them), the final norm.
+    fn decode(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        rope: &Rope<B>,
+        pos: &RopeAt<B>,
+        keys: Keys<'_, B>,
+        mut cache: Option<&mut KvCache<B>>,
+        mut layer_inputs: Option<&mut Vec<Tensor<B, 3>>>,
+    ) -> Tensor<B, 3> {
+        let device = ids.device();
+        let mut x = embedding(self.model.embed_tokens.val(), ids);
+        let heads = self.model.layers[0].self_attn.num_heads;
+        let mask = Mask::new(keys, heads, x.dtype(), &device);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            if let Some(inputs) = layer_inputs.as_deref_mut() {
+                inputs.push(x.clone());
+            }
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            x = layer.forward(x, rope, pos, &mask, layer_cache);
         }
         self.model.norm.forward(x)
     }
@@ -319,61 +310,4 @@ impl<B: Backend> CausalLm<B> {
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
     }
-}
-
-/// The additive attention mask of packed rows, `[batch * heads, seq * seq]`: 0 where the key is
-/// visible ([`visible_keys`]), `-inf` elsewhere.
-fn segment_mask<B: Backend>(
-    first: &[usize],
-    seq: usize,
-    heads: usize,
-    device: &B::Device,
-) -> Tensor<B, 2> {
-    let batch = first.len() / seq;
-    let mask: Vec<f32> = visible_keys(first, seq)
-        .into_iter()
-        .map(|v| if v { 0.0 } else { f32::NEG_INFINITY })
-        .collect();
-    Tensor::<B, 3>::from_data(TensorData::new(mask, [batch, seq, seq]), device)
-        .unsqueeze_dim::<4>(1)
-        .repeat_dim(1, heads)
-        .reshape([batch * heads, seq * seq])
-}
-
-/// The additive attention mask for queries at `start..start+seq` over keys `0..start+seq`:
-/// `-inf` above the causal diagonal and on padded keys. `[1, seq * keys]` when only causal (shared
-/// by every batch row and head), `[batch * heads, seq * keys]` with padding; `None` when nothing
-/// is masked (one new token and no padding).
-fn attention_mask<B: Backend>(
-    start: usize,
-    seq: usize,
-    heads: usize,
-    key_padding: Option<&Tensor<B, 2, Bool>>,
-    device: &B::Device,
-) -> Option<Tensor<B, 2>> {
-    let keys = start + seq;
-    let causal: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..keys).map(move |j| {
-                if j <= start + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    let causal = Tensor::<B, 2>::from_data(TensorData::new(causal, [seq, keys]), device);
-    let Some(padding) = key_padding else {
-        return (seq > 1).then(|| causal.reshape([1, seq * keys]));
-    };
-    let batch = padding.dims()[0];
-    let pad =
-        Tensor::<B, 2>::zeros([batch, keys], device).mask_fill(padding.clone(), f32::NEG_INFINITY);
-    let full = pad.reshape([batch, 1, keys]) + causal.unsqueeze::<3>();
-    Some(
-        full.unsqueeze_dim::<4>(1)
-            .repeat_dim(1, heads)
-            .reshape([batch * heads, seq * keys]),
-    )
 }

@@ -65,17 +65,6 @@ pub fn run_starts(ids: &[u32], seq: usize) -> Vec<usize> {
     out
 }
 
-/// Which keys each query of packed rows sees: `batch * seq * seq` flags (query-major), true where
-/// key `j` is in query `i`'s sequence and not after it, `first[i] <= j <= i` (`first` as
-/// [`run_starts`], for rows of `seq`): the block-diagonal causal mask.
-pub fn visible_keys(first: &[usize], seq: usize) -> Vec<bool> {
-    first
-        .iter()
-        .enumerate()
-        .flat_map(|(q, &from)| (0..seq).map(move |j| (from..=q % seq).contains(&j)))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

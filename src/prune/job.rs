@@ -15,6 +15,9 @@ use std::path::Path;
 /// The report a prune writes beside the model.
 pub const REPORT: &str = "laco_report.json";
 
+/// Calibration sentences per forward pass, unless `prune --batch-size` says otherwise.
+pub const CALIBRATION_BATCH: usize = 8;
+
 /// The bundled calibration text (1911 Britannica prose, public domain), one paragraph per line,
 /// built into the binary; reports name it by this.
 pub const BUNDLED_CALIBRATION: &str = "datasets/laco-calibration.txt (bundled)";

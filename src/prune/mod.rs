@@ -7,7 +7,9 @@ pub mod merge;
 pub mod settings;
 pub mod similarity;
 
-pub use job::{calibration_lines, check_pruned, prune_into, BUNDLED_CALIBRATION};
+pub use job::{
+    calibration_lines, check_pruned, prune_into, BUNDLED_CALIBRATION, CALIBRATION_BATCH,
+};
 pub use laco::{collapse, Pruned, Step};
 pub use merge::MergeMode;
 pub use settings::LacoSettings;

@@ -1,15 +1,21 @@
-//! The distill job as `distill` and `bench` run it on a device: the student (given, reused from
-//! RUN_DIR/student, or pruned there from the base model), SIGINT/SIGTERM turned into a
-//! checkpoint and a clean stop, the recipe on burn's autodiff, RUN_DIR/summary.json.
+//! The distill job: built from a config and what the command line overrides in it (the one
+//! constructor `distill`, `bench` and `teacher-cache` use), and run on a device: the student
+//! (given, reused from RUN_DIR/student, or pruned there from the base model), SIGINT/SIGTERM
+//! turned into a checkpoint and a clean stop, the recipe on burn's autodiff,
+//! RUN_DIR/summary.json.
 
+use super::checkpoint::{fingerprint, load_matching, locate};
 use super::config::DistillConfig;
+use super::loss::Divergence;
 use super::memory::{MemoryPlan, Shape};
 use super::metrics::METRICS;
 use super::recipe::{distill, Outcome, Run};
+use super::teacher_cache::{CacheDtype, CacheJob};
 use crate::device::{current_gpu, Job};
-use crate::hf::ModelConfig;
+use crate::hf::{hub, ModelConfig};
 use crate::kernels;
-use crate::prune::{calibration_lines, check_pruned, prune_into};
+use crate::prune::{calibration_lines, check_pruned, prune_into, CALIBRATION_BATCH};
+use crate::util::fs::absolute;
 use crate::util::{refuse_overlap, remove_leftovers, start_over, write_file_atomically};
 use anyhow::{bail, Context, Result};
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
@@ -35,7 +41,143 @@ pub struct DistillJob {
     pub resume: Option<PathBuf>,
 }
 
+/// What a command changes in a distill config (applied before the config is validated) and the
+/// models it names besides the config's. `None` and empty leave the config's setting.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// The teacher: a model directory or a Hugging Face id in the local cache; `None`: the
+    /// config's base model.
+    pub teacher: Option<PathBuf>,
+    /// The pruned student; `None`: the base model pruned into RUN_DIR/student.
+    pub student: Option<PathBuf>,
+    /// Continue from the newest complete checkpoint in RUN_DIR (`Some(None)`) or from the one
+    /// given.
+    pub resume: Option<Option<PathBuf>>,
+    /// output.run_dir.
+    pub run_dir: Option<PathBuf>,
+    /// data.files, with equal weights: Parquet files or Hugging Face dataset ids.
+    pub data: Vec<PathBuf>,
+    /// optim.max_steps.
+    pub max_steps: Option<usize>,
+    /// checkpoint.every.
+    pub save_every: Option<usize>,
+    /// data.packing.
+    pub packing: Option<bool>,
+    /// loss.divergence.
+    pub divergence: Option<Divergence>,
+    /// teacher.cache.
+    pub teacher_cache: Option<PathBuf>,
+    /// output.eval_every.
+    pub eval_every: Option<usize>,
+    /// output.eval_tokens.
+    pub eval_tokens: Option<usize>,
+    /// output.mmlu_limit.
+    pub mmlu_limit: Option<usize>,
+}
+
 impl DistillJob {
+    /// The job of the config at `config` (default: the embedded configs/tiny.toml) with
+    /// `overrides`, checked as far as possible before any model loads: the settings, the models'
+    /// directories, the `[laco]` table against the base model when the student is to be
+    /// pruned, and a resume's checkpoint against this run's fingerprint.
+    pub fn new(config: Option<&Path>, overrides: &Overrides) -> Result<Self> {
+        let o = overrides;
+        let mut cfg = DistillConfig::load(config)?;
+        let origin = config.map_or("configs/tiny.toml (embedded)".into(), |p| {
+            p.display().to_string()
+        });
+        cfg.resolve_hub_ids(&origin)?;
+        if !o.data.is_empty() {
+            cfg.data.files = o.data.clone();
+            cfg.data.weights.clear();
+            cfg.data.resolve(Path::new("."), "--data")?;
+        }
+        if let Some(dir) = &o.run_dir {
+            cfg.output.run_dir = absolute(dir)?;
+        }
+        if let Some(dir) = &o.teacher_cache {
+            cfg.teacher.cache = Some(absolute(dir)?);
+        }
+        macro_rules! set {
+            ($($field:ident => $($setting:ident).+),* $(,)?) => {
+                $( if let Some(v) = o.$field { cfg.$($setting).+ = v; } )*
+            };
+        }
+        set!(
+            max_steps => optim.max_steps,
+            save_every => checkpoint.every,
+            packing => data.packing,
+            divergence => loss.divergence,
+            eval_every => output.eval_every,
+            eval_tokens => output.eval_tokens,
+            mmlu_limit => output.mmlu_limit,
+        );
+        cfg.validate("command line")?;
+        let model = |spec: &Path, what: &str| -> Result<PathBuf> {
+            absolute(&hub::model_dir(spec, spec, None, what)?)
+        };
+        let teacher = match &o.teacher {
+            None => cfg.model.base.clone(),
+            Some(t) => model(t, "--teacher")?,
+        };
+        let student = o
+            .student
+            .as_deref()
+            .map(|s| model(s, "--student"))
+            .transpose()?;
+        for (what, dir) in [("model.base", &cfg.model.base), ("teacher", &teacher)] {
+            if !dir.join("config.json").exists() {
+                bail!("{}: not a model directory ({what})", dir.display());
+            }
+        }
+        if student.is_none() {
+            // The base is pruned with these settings: check them against its layers now.
+            let layers = ModelConfig::from_dir(&cfg.model.base)?.num_hidden_layers;
+            cfg.laco.validate(layers, &format!("{origin}: laco"))?;
+        }
+        let run_dir = cfg.output.run_dir.clone();
+        // A resume that cannot continue fails here, before any model is loaded or pruned.
+        let resume = match &o.resume {
+            Some(explicit) => {
+                let dir = locate(&run_dir, explicit.as_deref())?;
+                let student = student.clone().unwrap_or_else(|| run_dir.join(STUDENT));
+                let world_size = crate::dist::world().size;
+                load_matching(&dir, &fingerprint(&cfg, &teacher, &student)?, world_size)?;
+                Some(dir)
+            }
+            None => None,
+        };
+        Ok(Self {
+            cfg,
+            teacher,
+            student,
+            run_dir,
+            resume,
+        })
+    }
+
+    /// The teacher cache of this job's config, data and teacher, in `out`, else the config's
+    /// teacher.cache, else RUN_DIR/teacher-cache.
+    pub fn teacher_cache(
+        self,
+        out: Option<PathBuf>,
+        top_k: usize,
+        dtype: CacheDtype,
+        max_sequences: Option<usize>,
+    ) -> CacheJob {
+        let out = out
+            .or_else(|| self.cfg.teacher.cache.clone())
+            .unwrap_or_else(|| self.run_dir.join("teacher-cache"));
+        CacheJob {
+            cfg: self.cfg,
+            teacher: self.teacher,
+            out,
+            top_k,
+            dtype,
+            max_sequences,
+        }
+    }
+
     /// Checks RUN_DIR before any model loads: it must not be or contain a model the run reads;
     /// a run already in it is continued only with `resume` and replaced only with `force`
     /// (atomically, keeping a pruned student that matches this run's base and `[laco]`
@@ -126,7 +268,7 @@ impl Job for DistillJob {
                             &dir,
                             &self.cfg.laco,
                             &calibration,
-                            8,
+                            CALIBRATION_BATCH,
                             &device,
                         )?;
                     }

@@ -8,9 +8,9 @@
 //! the number of counted rows.
 
 use crate::data::batch::Batch;
-use crate::eval::ppl::token_nll;
 use crate::kernels;
 use crate::model::chunk::{predicting_rows, row_chunks, rows_per_chunk};
+use crate::model::logprobs::token_nll;
 use crate::model::{CausalLm, Pretrained, Rope, Segments};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{

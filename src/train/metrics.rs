@@ -15,6 +15,13 @@ use tensorboard_rs::summary_writer::SummaryWriter;
 
 pub const METRICS: &str = "metrics.jsonl";
 
+/// Tokens per second over (tokens, seconds) steps.
+pub fn throughput(steps: &[(usize, f64)]) -> f64 {
+    let tokens: usize = steps.iter().map(|s| s.0).sum();
+    let secs: f64 = steps.iter().map(|s| s.1).sum();
+    tokens as f64 / secs
+}
+
 /// The writers; `None` on ranks other than 0 of a data-parallel run (rank 0 alone writes).
 pub struct Metrics(Option<Writers>);
 

@@ -1,6 +1,7 @@
 //! Knowledge distillation of a pruned student from its teacher into LoRA adapters: the recipe
 //! ([`recipe`]) and its components.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
@@ -11,4 +12,5 @@ pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod recipe;
+pub mod teacher;
 pub mod teacher_cache;

@@ -61,13 +61,6 @@ pub fn clip_global_norm<B: AutodiffBackend>(
     norm
 }
 
-/// Tokens per second over (tokens, seconds) steps.
-pub fn throughput(steps: &[(usize, f64)]) -> f64 {
-    let tokens: usize = steps.iter().map(|s| s.0).sum();
-    let secs: f64 = steps.iter().map(|s| s.1).sum();
-    tokens as f64 / secs
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,12 @@ use burn::module::ParamId;
 use burn::optim::GradientsParams;
 use burn::tensor::{backend::AutodiffBackend, DType, Tensor, TensorData};
 
+/// The random seed of step `step` (counted from 0) of a run whose data is seeded with
+/// `data_seed`; [`micro_batch_seed`] derives its micro-batches' seeds from it.
+pub fn step_seed(data_seed: u64, step: usize) -> u64 {
+    data_seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// The random seed of micro-batch `index` of a step seeded with `step_seed`. The first keeps the
 /// step's seed (one micro-batch per step draws what it always drew); each micro-batch has its
 /// own so that its dropout masks do not depend on which rank runs it after which other.

@@ -10,10 +10,11 @@
 use super::checkpoint::{self, State};
 use super::config::DistillConfig;
 use super::evaluate::{Baseline, HeldOut};
-use super::metrics::Metrics;
-use super::optim::{adamw, clip_global_norm, lr_at, throughput, Optim};
-use super::parallel::{micro_batch_seed, sum_over_ranks};
-use super::teacher_cache::{self, Teacher, TeacherCache};
+use super::metrics::{throughput, Metrics};
+use super::optim::{adamw, clip_global_norm, lr_at, Optim};
+use super::parallel::{micro_batch_seed, step_seed, sum_over_ranks};
+use super::teacher::Teacher;
+use super::teacher_cache::{self, TeacherCache};
 use crate::data::batch::Batch;
 use crate::data::mixture::Mixture;
 use crate::device::GpuMemory;
@@ -269,8 +270,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             let started = Instant::now();
             // Dropout masks depend on the step (and micro-batch) alone, so a resumed run draws
             // the same ones, whichever ranks run it.
-            let seed =
-                self.cfg.data.seed ^ (self.step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let seed = step_seed(self.cfg.data.seed, self.step);
             let lr = lr_at(&o, self.step);
             // The step's micro-batches in the one order of the data, every rank's included.
             let micro: Vec<Batch<B>> = (0..o.grad_accum * self.world.size)

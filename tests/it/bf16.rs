@@ -1,7 +1,7 @@
 //! The generic path in bf16 on the CPU (Flex computes bf16), against the f32 goldens of
 //! transformers. What stays in f32 on every backend: RMSNorm's statistics
 //! (`model/norm.rs`), the log-softmax of perplexity and log-likelihoods
-//! (`eval/ppl.rs::token_logprobs`), the KD and CE losses (`train/loss.rs::chunk_sums`), LoRA
+//! (`model/logprobs.rs::token_logprobs`), the KD and CE losses (`train/loss.rs::chunk_sums`), LoRA
 //! merges (`model/lora.rs`), the rotary tables (computed in f64/f32, then stored in the compute
 //! dtype, as transformers does). Matmuls accumulate in f32 (Flex: an f32 gemm; CUDA: f32
 //! accumulators); softmax and the attention output are bf16 tensors.

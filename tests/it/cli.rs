@@ -196,3 +196,35 @@ fn cuda_without_the_feature_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn every_subcommand_takes_the_common_options_with_one_meaning() {
+    use clap::CommandFactory;
+    let names: Vec<String> = laco_train::cli::Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    assert_eq!(names.len(), 7, "{names:?}");
+    for name in &names {
+        let out = laco(&[name.as_str(), "--help"]);
+        assert!(out.status.success(), "{name} --help");
+        let help = String::from_utf8(out.stdout).unwrap();
+        for flag in ["--device <", "--dtype <", "--json"] {
+            assert!(help.contains(flag), "{name} --help lacks {flag}:\n{help}");
+        }
+        // --dtype is the compute dtype everywhere; the dtype of written files has its own name.
+        let dtype = help
+            .split("--dtype <DTYPE>")
+            .nth(1)
+            .and_then(|rest| rest.split("\n  -").next())
+            .unwrap();
+        assert!(dtype.contains("Compute dtype"), "{name}: --dtype{dtype}");
+    }
+    for name in ["export", "teacher-cache"] {
+        let help = String::from_utf8(laco(&[name, "--help"]).stdout).unwrap();
+        assert!(
+            help.contains("--save-dtype <"),
+            "{name} --help lacks --save-dtype"
+        );
+    }
+}

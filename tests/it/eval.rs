@@ -4,8 +4,8 @@
 use crate::common::*;
 use laco_train::eval::choice::{score, Question, Scored};
 use laco_train::eval::loglik::{loglikelihoods, Request};
-use laco_train::eval::ppl::token_logprobs;
 use laco_train::eval::{mmlu, zero_shot};
+use laco_train::model::logprobs::token_logprobs;
 use laco_train::model::Pretrained;
 use serde_json::Value;
 use std::path::{Path, PathBuf};

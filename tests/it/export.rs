@@ -58,7 +58,7 @@ fn merging_in_memory_keeps_the_adapted_logits() {
 fn f32_export_gives_peft_logits_in_the_base_format() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged");
-    let summary = json_line(&export(&out, &["--dtype", "f32", "--json"]));
+    let summary = json_line(&export(&out, &["--save-dtype", "f32", "--json"]));
     assert_eq!(
         summary,
         serde_json::json!({"out": out.to_str().unwrap(), "dtype": "f32", "merged_modules": 56})
@@ -92,7 +92,7 @@ fn f32_export_gives_peft_logits_in_the_base_format() {
 fn bf16_export_writes_bf16_weights_close_to_peft() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged");
-    let summary = json_line(&export(&out, &["--dtype", "bf16", "--json"]));
+    let summary = json_line(&export(&out, &["--save-dtype", "bf16", "--json"]));
     assert_eq!(summary["dtype"], "bf16");
     let ck = WeightReader::open(&out).unwrap();
     for name in Golden::open("tiny-qwen3/model.safetensors").names() {

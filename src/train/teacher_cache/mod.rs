@@ -24,7 +24,7 @@
 //! field is named.
 
 use super::config::DistillConfig;
-use super::loss::{batch_hidden, loss_step, loss_step_cached, teacher_top_k, KdLoss};
+use super::loss::{batch_hidden, teacher_top_k};
 use crate::data::batch::{Batch, IGNORE};
 use crate::data::instruct::templates;
 use crate::data::mixture::Mixture;
@@ -34,8 +34,7 @@ use crate::model::chunk::{row_chunks, rows_per_chunk};
 use crate::model::{CausalLm, Pretrained, Rope};
 use crate::util::progress_bar;
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -46,6 +45,8 @@ mod store;
 use store::Writer;
 pub use store::{CacheDtype, CacheSummary, TeacherCache, INDEX};
 
+/// What the cache must share with the run that reads it: hashes (XXH3-128) of the teacher's
+/// config and weights, the tokenizer that tokenized the data, every data file and the prompt
 /// templates, and the data settings that decide the sequences and their order.
 pub fn fingerprint(
     cfg: &DistillConfig,
@@ -231,44 +232,4 @@ fn top_k_of_batch<B: Backend>(
         );
     }
     (ids, logprobs)
-}
-
-/// Writes shards and the index of a cache directory, continuing what is there.
-/// Where a distillation step's teacher distributions come from.
-pub enum Teacher<B: AutodiffBackend> {
-    /// The teacher model, run every step.
-    Model(Box<Pretrained<B::InnerBackend>>),
-    /// A teacher cache: no teacher forward pass.
-    Cache(TeacherCache),
-}
-
-impl<B: AutodiffBackend> Teacher<B> {
-    /// [`loss_step`] or [`loss_step_cached`] of one micro-batch.
-    pub fn loss_step(
-        &self,
-        lm: &CausalLm<B>,
-        rope: &Rope<B>,
-        batch: &Batch<B>,
-        loss: &KdLoss,
-        count: usize,
-    ) -> Result<(Tensor<B, 1>, f64, f64)> {
-        match self {
-            Teacher::Model(teacher) => Ok(loss_step(lm, rope, teacher, batch, loss, count)),
-            Teacher::Cache(cache) => {
-                let device = batch.ids.device();
-                let (ids, logprobs) = cache.rows::<B>(&batch.keys, loss.top_k, &device)?;
-                if ids.dims()[0] != batch.count {
-                    bail!(
-                        "{}: the teacher cache's entries do not fit this run's sequences ({} rows for {} counted positions)",
-                        cache.dir().display(),
-                        ids.dims()[0],
-                        batch.count
-                    );
-                }
-                Ok(loss_step_cached(
-                    lm, rope, ids, logprobs, batch, loss, count,
-                ))
-            }
-        }
-    }
 }

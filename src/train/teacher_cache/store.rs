@@ -115,8 +115,7 @@ pub struct CacheSummary {
     pub tokens_per_sec: f64,
 }
 
-/// What the cache must share with the run that reads it: hashes (XXH3-128) of the teacher's
-/// config and weights, the tokenizer that tokenized the data, every data file and the prompt
+/// Writes shards and the index of a cache directory, continuing what is there.
 pub struct Writer {
     dir: PathBuf,
     index: Index,

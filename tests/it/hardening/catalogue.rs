@@ -444,10 +444,10 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
                 s(&adapter),
                 "--out".into(),
                 s(&t.join("e1")),
-                "--dtype".into(),
+                "--save-dtype".into(),
                 "f64".into(),
             ],
-            vec!["--dtype", "f64"],
+            vec!["--save-dtype", "f64"],
         ),
         // teacher-cache: k beyond the vocabulary, refused before the teacher loads
         (

@@ -228,7 +228,7 @@ fn force_replacements_survive_kills_at_any_moment() {
             "--out",
             e,
             "--force",
-            "--dtype",
+            "--save-dtype",
             dtype,
         ]
     };

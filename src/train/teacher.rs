@@ -1,0 +1,49 @@
+//! Where a distillation step's teacher distributions come from: the teacher model, run every
+//! step, or a teacher cache ([`super::teacher_cache`]) read instead.
+
+use super::loss::{loss_step, loss_step_cached, KdLoss};
+use super::teacher_cache::TeacherCache;
+use crate::data::batch::Batch;
+use crate::model::{CausalLm, Pretrained, Rope};
+use anyhow::{bail, Result};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
+
+/// The source of a step's teacher distributions.
+pub enum Teacher<B: AutodiffBackend> {
+    /// The teacher model, run every step.
+    Model(Box<Pretrained<B::InnerBackend>>),
+    /// A teacher cache: no teacher forward pass.
+    Cache(TeacherCache),
+}
+
+impl<B: AutodiffBackend> Teacher<B> {
+    /// [`loss_step`] or [`loss_step_cached`] of one micro-batch.
+    pub fn loss_step(
+        &self,
+        lm: &CausalLm<B>,
+        rope: &Rope<B>,
+        batch: &Batch<B>,
+        loss: &KdLoss,
+        count: usize,
+    ) -> Result<(Tensor<B, 1>, f64, f64)> {
+        match self {
+            Teacher::Model(teacher) => Ok(loss_step(lm, rope, teacher, batch, loss, count)),
+            Teacher::Cache(cache) => {
+                let device = batch.ids.device();
+                let (ids, logprobs) = cache.rows::<B>(&batch.keys, loss.top_k, &device)?;
+                if ids.dims()[0] != batch.count {
+                    bail!(
+                        "{}: the teacher cache's entries do not fit this run's sequences ({} rows for {} counted positions)",
+                        cache.dir().display(),
+                        ids.dims()[0],
+                        batch.count
+                    );
+                }
+                Ok(loss_step_cached(
+                    lm, rope, ids, logprobs, batch, loss, count,
+                ))
+            }
+        }
+    }
+}
