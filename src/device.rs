@@ -1,7 +1,8 @@
 //! Picking the backend at run time: `--device cpu|cuda[:N]|wgpu` and `--dtype`.
 //!
 //! The CPU backend is burn's Flex: measured against NdArray and Candle on the forward pass of
-//! SmolLM2-135M (see README, "Choosing the CPU backend"), it was the fastest, and it supports bf16.
+//! SmolLM2-135M (see docs/results.md, "Choosing the CPU backend"), it was the fastest, and it
+//! supports bf16.
 //! The GPU backends (`--features cuda`, `--features wgpu`) are burn's fused cubecl backends;
 //! [`gpu`] checks their requirements before the first tensor, points cubecl's autotune cache at
 //! a stable place, samples their memory and turns their failures into one-line errors.

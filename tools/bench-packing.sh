@@ -1,5 +1,5 @@
 #!/bin/sh
-# Packing and the teacher cache, measured with `laco-train bench` (README, "Packing and the
+# Packing and the teacher cache, measured with `laco-train bench` (docs/results.md, "Packing and the
 # teacher cache: measured"). Runs adjacent pairs so that a drifting machine compares like with
 # like, and prints one JSON line per run (tokens/s, padding fraction, peak RSS).
 #

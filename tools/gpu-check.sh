@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of laco-train (README, "Running on a GPU"): given a laco-train binary
+# The prepared GPU check of laco-train (docs/gpu.md): given a laco-train binary
 # built with `--features cuda`, on one GPU it
 #   a. checks CUDA parity on the bundled tiny Qwen3: `eval --task ppl` in f32 (1e-4 relative of
 #      transformers' golden) and bf16 (1%), MMLU log-likelihoods of 3 questions (f32 1e-4, bf16 0.1);

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Recovery per CPU-minute (README, "Recovery per CPU-minute"): SmolLM2-135M with
+# Recovery per CPU-minute (docs/results.md, "Recovery per CPU-minute"): SmolLM2-135M with
 # configs/smollm2-135m.toml, each variant one `distill` run of BUDGET seconds of wall time in all
 # (loading, the baseline and final evaluations and the training steps; pruning is excluded:
 # every variant reuses one pruned student), reporting teacher / pruned / recovered held-out

@@ -5,7 +5,7 @@
 //! The flat gradient buffer arrives on the host (burn gives no stable access to its device
 //! memory), is copied to a buffer of this rank's device, summed there in place by NCCL, and copied
 //! back: about 4 x 252 MB over PCIe per step for LoRA r32 on the 26-layer Qwen3-8B student, tens
-//! of milliseconds against a step of seconds (see README, "Several processes").
+//! of milliseconds against a step of seconds (see docs/parallel.md).
 
 use super::World;
 use anyhow::{anyhow, bail, Result};

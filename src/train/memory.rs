@@ -16,7 +16,7 @@
 //!
 //! `optim.activation_checkpointing` (burn's `BalancedCheckpointing`) recomputes elementwise
 //! outputs instead of keeping them, but their inputs stay; measured on the CPU's generic path
-//! it saved nothing (README, "Running on a GPU"), so the plan counts the same activations with
+//! it saved nothing (docs/gpu.md, "Memory"), so the plan counts the same activations with
 //! it. The same measurement put the plan 13% under the peak resident memory.
 
 use crate::hf::ModelConfig;
