@@ -176,30 +176,32 @@ impl DistillConfig {
             ),
             };
         let mut cfg: Self = check::parse_toml(&text, &origin)?;
-        let abs = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
+        // Canonical, so that messages print `/x/runs/tiny`, not `/x/configs/../runs/tiny`.
+        let abs = |p: &mut PathBuf| -> Result<()> {
+            *p = absolute(&dir.join(&*p))?;
+            Ok(())
         };
         // Models and data files may also be Hugging Face ids, found in the local cache when the
         // job resolves them ([`DistillConfig::resolve_hub_ids`]).
-        let local = |p: &mut PathBuf| {
-            if !hub::names_repo(p) || dir.join(&*p).exists() {
-                abs(p);
+        let local = |p: &mut PathBuf| -> Result<()> {
+            match !hub::names_repo(p) || dir.join(&*p).exists() {
+                true => abs(p),
+                false => Ok(()),
             }
         };
-        local(&mut cfg.model.base);
-        cfg.data.files.iter_mut().for_each(local);
-        abs(&mut cfg.output.eval_text);
-        abs(&mut cfg.output.run_dir);
-        if let Some(m) = cfg.output.mmlu_data.as_mut() {
-            abs(m);
-        }
-        if let Some(c) = cfg.teacher.cache.as_mut() {
-            abs(c);
-        }
-        if let Some(c) = cfg.laco.calibration.as_mut() {
-            abs(c);
+        local(&mut cfg.model.base)?;
+        cfg.data.files.iter_mut().try_for_each(local)?;
+        abs(&mut cfg.output.eval_text)?;
+        abs(&mut cfg.output.run_dir)?;
+        for p in [
+            cfg.output.mmlu_data.as_mut(),
+            cfg.teacher.cache.as_mut(),
+            cfg.laco.calibration.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            abs(p)?;
         }
         cfg.validate(&origin)?;
         Ok(cfg)
@@ -270,12 +272,15 @@ mod tests {
     #[test]
     fn every_bundled_distill_config_loads_and_epochs_set_the_steps() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-        for name in ["tiny.toml", "smollm2-135m.toml", "distill-qwen3-8b.toml"] {
+        // `../runs/NAME`, relative to the file, canonical: no `configs/..` in what is printed.
+        let root = std::fs::canonicalize(dir.parent().unwrap()).unwrap();
+        for (name, run) in [
+            ("tiny.toml", "tiny"),
+            ("smollm2-135m.toml", "smollm2-135m"),
+            ("distill-qwen3-8b.toml", "qwen3-8b"),
+        ] {
             let cfg = DistillConfig::load(Some(&dir.join(name))).unwrap();
-            assert!(
-                cfg.output.run_dir.starts_with(&dir),
-                "{name}: run_dir relative to the file"
-            );
+            assert_eq!(cfg.output.run_dir, root.join("runs").join(run), "{name}");
         }
         let mut cfg = DistillConfig::load(None).unwrap();
         assert!(cfg.model.base.join("config.json").exists());

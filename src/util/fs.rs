@@ -203,13 +203,29 @@ pub fn check_writable(path: &Path, what: &str) -> Result<()> {
     probe.with_context(|| format!("{what} {}: cannot write", path.display()))
 }
 
-/// `path` as an absolute path, symbolic links and `..` resolved where it exists (so that two
-/// spellings of one place compare equal).
+/// `path` as a canonical absolute path (so that two spellings of one place compare equal, and
+/// messages print `/x/runs/tiny`, not `/x/configs/../runs/tiny`): symbolic links resolved in
+/// the part that exists, `.` and `..` removed from the rest.
 pub fn absolute(path: &Path) -> Result<PathBuf> {
     if let Ok(p) = std::fs::canonicalize(path) {
         return Ok(p);
     }
-    std::path::absolute(path).with_context(|| format!("{}: cannot resolve", path.display()))
+    let abs =
+        std::path::absolute(path).with_context(|| format!("{}: cannot resolve", path.display()))?;
+    let mut out = PathBuf::new();
+    for part in abs.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            part => out.push(part),
+        }
+        if let Ok(p) = std::fs::canonicalize(&out) {
+            out = p;
+        }
+    }
+    Ok(out)
 }
 
 /// Replaces the file `path` with `bytes` whole or not at all (temporary file beside it,
@@ -270,7 +286,22 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{write_dir_atomically, write_file_atomically};
+    use super::{absolute, write_dir_atomically, write_file_atomically};
+
+    #[test]
+    fn absolute_paths_are_canonical_whether_or_not_they_exist() {
+        let t = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(t.path()).unwrap();
+        std::fs::create_dir_all(root.join("configs")).unwrap();
+        std::os::unix::fs::symlink(root.join("configs"), root.join("link")).unwrap();
+        let spelled = root.join("configs/../runs/./tiny/student");
+        assert_eq!(absolute(&spelled).unwrap(), root.join("runs/tiny/student"));
+        // A link is followed before `..` applies, as the file system would.
+        let linked = root.join("link/x/../y");
+        assert_eq!(absolute(&linked).unwrap(), root.join("configs/y"));
+        std::fs::create_dir_all(root.join("runs/tiny")).unwrap();
+        assert_eq!(absolute(&spelled).unwrap(), root.join("runs/tiny/student"));
+    }
 
     #[test]
     fn a_failed_write_leaves_neither_out_nor_its_temporary_directory() {

@@ -211,3 +211,34 @@ fn config_errors_name_the_file_and_field() {
         "{err}"
     );
 }
+
+#[test]
+fn paths_from_a_config_are_printed_canonical() {
+    // configs/tiny.toml in another folder, its run directory `../runs/tiny` beside that folder.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    std::fs::create_dir(dir.join("configs")).unwrap();
+    let text = std::fs::read_to_string(format!("{root}/configs/tiny.toml"))
+        .unwrap()
+        .replace("\"../tests/", &format!("\"{root}/tests/"))
+        .replace("\"../datasets/", &format!("\"{root}/datasets/"));
+    assert!(text.contains("run_dir = \"../runs/tiny\""));
+    let cfg = dir.join("configs/tiny.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let out = laco_command()
+        .args(["distill", "--resume", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    let want = dir.join("runs/tiny/checkpoints");
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "error: {}: no checkpoint to resume from (run without --resume to start)",
+            want.display()
+        )
+    );
+}
