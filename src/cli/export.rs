@@ -1,15 +1,10 @@
 //! `laco-train export`: a PEFT LoRA adapter merged into its model, written as a plain Hugging
 //! Face directory.
 
-use super::{print_json, refuse_existing, Common};
-use crate::device::{dispatch, Job, Precision};
-use crate::export::export_into;
-use crate::hf::peft::ADAPTER_CONFIG;
-use crate::hf::ModelConfig;
-use crate::model::source::resolve;
-use crate::util::refuse_overlap;
+use super::{print_json, Common};
+use crate::device::{dispatch, Precision};
+use crate::export::ExportJob;
 use anyhow::{bail, Result};
-use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use safetensors::Dtype;
 use std::path::PathBuf;
@@ -91,41 +86,7 @@ impl WeightDtype {
     }
 }
 
-impl Job for ExportArgs {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let dtype = self.save_dtype.map(WeightDtype::safetensors);
-        let done = export_into::<B>(&self.model, &self.adapter, &self.out, dtype, &device)?;
-        let dtype = WeightDtype::of(done.dtype).name();
-        eprintln!(
-            "merged {} LoRA projections into {} ({dtype}, {:.1}s)",
-            done.merged,
-            self.out.display(),
-            done.seconds
-        );
-        if self.common.json {
-            print_json(&serde_json::json!({
-                "out": self.out.display().to_string(),
-                "dtype": dtype,
-                "merged_modules": done.merged,
-            }));
-        }
-        Ok(())
-    }
-}
-
-pub fn run(mut args: ExportArgs) -> Result<()> {
-    // What can be wrong with the request is checked before any weights load.
-    args.model = resolve(&args.model, args.revision.as_deref(), "--model")?;
-    args.adapter = resolve(&args.adapter, None, "--adapter")?;
-    ModelConfig::from_dir(&args.model)?;
-    let adapter_config = args.adapter.join(ADAPTER_CONFIG);
-    if !adapter_config.is_file() {
-        bail!(
-            "{}: not found (--adapter must be a PEFT adapter directory)",
-            adapter_config.display()
-        );
-    }
+pub fn run(args: ExportArgs) -> Result<()> {
     if !matches!(args.common.dtype, Precision::Auto | Precision::F32) {
         let name = args.common.dtype.to_possible_value().expect("named");
         bail!(
@@ -133,12 +94,29 @@ pub fn run(mut args: ExportArgs) -> Result<()> {
             name.get_name()
         );
     }
-    refuse_existing(&args.out, args.force)?;
-    refuse_overlap(
-        "--out",
-        &args.out,
-        &[("model", &args.model), ("adapter", &args.adapter)],
+    let job = ExportJob::new(
+        &args.model,
+        args.revision.as_deref(),
+        &args.adapter,
+        args.out.clone(),
+        args.save_dtype.map(WeightDtype::safetensors),
+        args.force,
     )?;
     // The merge is computed in f32 whatever the written dtype.
-    dispatch(args.common.device, Precision::F32, args)
+    let done = dispatch(args.common.device, Precision::F32, job)?;
+    let dtype = WeightDtype::of(done.dtype).name();
+    eprintln!(
+        "merged {} LoRA projections into {} ({dtype}, {:.1}s)",
+        done.merged,
+        args.out.display(),
+        done.seconds
+    );
+    if args.common.json {
+        print_json(&serde_json::json!({
+            "out": args.out.display().to_string(),
+            "dtype": dtype,
+            "merged_modules": done.merged,
+        }));
+    }
+    Ok(())
 }

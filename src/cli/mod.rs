@@ -13,7 +13,7 @@ use crate::device::{DeviceChoice, Precision};
 use crate::model::source::ModelSource;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -125,17 +125,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::TeacherCache(args) => teacher_cache::run(args),
     }
-}
-
-/// Refuses an existing output directory unless `--force` was given.
-pub fn refuse_existing(out: &Path, force: bool) -> Result<()> {
-    if out.exists() && !force {
-        bail!(
-            "{}: already exists (use --force to replace it)",
-            out.display()
-        );
-    }
-    Ok(())
 }
 
 /// Prints the final JSON line of a `--json` run.

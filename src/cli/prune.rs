@@ -1,16 +1,12 @@
 //! `laco-train prune`: LaCo layer collapse into a new Hugging Face directory.
 
-use super::{at_least_one, print_json, refuse_existing, Common};
-use crate::device::{dispatch, Job};
-use crate::hf::ModelConfig;
+use super::{at_least_one, print_json, Common};
+use crate::device::dispatch;
 use crate::model::source::model_or_bundled;
-use crate::prune::{
-    calibration_lines, prune_into, settings::LacoTable, LacoSettings, MergeMode, CALIBRATION_BATCH,
-};
+use crate::prune::job::PruneJob;
+use crate::prune::{settings::LacoTable, LacoSettings, MergeMode, CALIBRATION_BATCH};
 use crate::util::check::parse_toml;
-use crate::util::refuse_overlap;
 use anyhow::{Context, Result};
-use burn::tensor::backend::Backend;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -108,53 +104,25 @@ impl PruneArgs {
     }
 }
 
-struct PruneJob {
-    args: PruneArgs,
-    settings: LacoSettings,
-    model: PathBuf,
-    calibration: Vec<String>,
-}
-
-impl Job for PruneJob {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let report = prune_into::<B>(
-            &self.model,
-            &self.args.out,
-            &self.settings,
-            &self.calibration,
-            self.args.batch_size,
-            &device,
-        )?;
-        if self.args.common.json {
-            print_json(&report);
-        }
-        Ok(())
-    }
-}
-
 pub fn run(args: PruneArgs) -> Result<()> {
     // Everything that can be wrong with the request is checked before any weights load.
     let model = model_or_bundled(args.model.as_deref(), args.revision.as_deref())?;
-    let settings = args.settings()?;
-    let config = ModelConfig::from_dir(&model)?;
     let origin = args
         .config
         .as_ref()
         .map_or("laco settings".to_string(), |p| p.display().to_string());
-    settings.validate(config.num_hidden_layers, &origin)?;
-    refuse_existing(&args.out, args.force)?;
-    refuse_overlap("--out", &args.out, &[("model", &model)])?;
-    let calibration = calibration_lines(&settings)?;
-    let common = args.common.clone();
-    dispatch(
-        common.device,
-        common.dtype,
-        PruneJob {
-            args,
-            settings,
-            model,
-            calibration,
-        },
-    )
+    let job = PruneJob::new(
+        model,
+        args.out.clone(),
+        args.settings()?,
+        &origin,
+        args.batch_size,
+        args.force,
+    )?;
+    let c = &args.common;
+    let report = dispatch(c.device, c.dtype, job)?;
+    if c.json {
+        print_json(&report);
+    }
+    Ok(())
 }

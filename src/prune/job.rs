@@ -2,15 +2,17 @@
 //! a Hugging Face directory with `laco_report.json`.
 
 use super::{collapse, Calibration, LacoSettings, Step};
+use crate::device::Job;
 use crate::hf::config::read_config;
 use crate::hf::model_dir::save_pretrained;
+use crate::hf::ModelConfig;
 use crate::model::Pretrained;
 use crate::util::check::first_difference;
 use crate::util::fs::absolute;
-use crate::util::{progress_bar, write_dir_atomically};
+use crate::util::{progress_bar, refuse_existing, refuse_overlap, write_dir_atomically};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::backend::Backend;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The report a prune writes beside the model.
 pub const REPORT: &str = "laco_report.json";
@@ -22,6 +24,57 @@ pub const CALIBRATION_BATCH: usize = 8;
 /// built into the binary; reports name it by this.
 pub const BUNDLED_CALIBRATION: &str = "datasets/laco-calibration.txt (bundled)";
 const BUNDLED_CALIBRATION_TEXT: &str = include_str!("../../datasets/laco-calibration.txt");
+
+/// `laco-train prune`: a model pruned with its settings into a directory.
+pub struct PruneJob {
+    pub model: PathBuf,
+    pub out: PathBuf,
+    pub settings: LacoSettings,
+    pub calibration: Vec<String>,
+    /// Calibration sentences per forward pass.
+    pub batch_size: usize,
+}
+
+impl PruneJob {
+    /// The prune of `model` into `out`, checked before any weights load: `settings` against the
+    /// model's layers (`origin` names where they came from), `out` (refused if it exists unless
+    /// `force`, or if it is or holds the model), the calibration text.
+    pub fn new(
+        model: PathBuf,
+        out: PathBuf,
+        settings: LacoSettings,
+        origin: &str,
+        batch_size: usize,
+        force: bool,
+    ) -> Result<Self> {
+        let config = ModelConfig::from_dir(&model)?;
+        settings.validate(config.num_hidden_layers, origin)?;
+        refuse_existing(&out, force)?;
+        refuse_overlap("--out", &out, &[("model", &model)])?;
+        let calibration = calibration_lines(&settings)?;
+        Ok(Self {
+            model,
+            out,
+            settings,
+            calibration,
+            batch_size,
+        })
+    }
+}
+
+impl Job for PruneJob {
+    type Output = serde_json::Value;
+    fn run<B: Backend>(self, device: B::Device) -> Result<serde_json::Value> {
+        prune_into::<B>(
+            &self.model,
+            &self.out,
+            &self.settings,
+            &self.calibration,
+            self.batch_size,
+            &device,
+        )
+    }
+}
 
 /// Prunes `model` into `out` (replaced if it exists) and returns the report also written as
 /// `out/laco_report.json`. The directory appears whole or not at all.

@@ -167,6 +167,17 @@ fn link_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an existing output directory unless `force` (`--force`) was given.
+pub fn refuse_existing(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        bail!(
+            "{}: already exists (use --force to replace it)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Refuses an output directory `out` that is, or contains, one of `sources` (whose files a
 /// replacement of `out` would delete); `what` names the output's flag or setting.
 pub fn refuse_overlap(what: &str, out: &Path, sources: &[(&str, &Path)]) -> Result<()> {

@@ -5,7 +5,8 @@ pub mod check;
 pub mod fs;
 
 pub use fs::{
-    refuse_overlap, remove_leftovers, start_over, write_dir_atomically, write_file_atomically,
+    refuse_existing, refuse_overlap, remove_leftovers, start_over, write_dir_atomically,
+    write_file_atomically,
 };
 
 /// A progress bar on stderr with a message slot, hidden when stderr is not a terminal.
