@@ -43,9 +43,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Run burn's generic tensor ops instead of the CPU kernels: the code the GPU backends run,
-    /// to measure its memory (e.g. with and without optim.activation_checkpointing) on the CPU.
+    /// to measure its memory (e.g. with and without --activation-checkpointing) on the CPU.
     #[arg(long)]
     pub generic_ops: bool,
+    /// Recompute the student's layers in the backward pass, true or false (overrides
+    /// optim.activation_checkpointing; default: on for the generic path, off for the CPU
+    /// kernels).
+    #[arg(long)]
+    pub activation_checkpointing: Option<bool>,
     /// Pack sequences into rows of max_seq_len (overrides data.packing).
     #[arg(long)]
     pub packing: Option<bool>,
@@ -90,6 +95,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     (o.eval_every, o.mmlu_limit, o.eval_tokens) = (0, 0, 256);
     if let Some(p) = args.packing {
         job.cfg.data.packing = p;
+    }
+    if let Some(a) = args.activation_checkpointing {
+        job.cfg.optim.activation_checkpointing = Some(a);
     }
     if let Some(d) = args.divergence {
         job.cfg.loss.divergence = d;
@@ -136,14 +144,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     eprintln!(
         "{} steps ({} {rows} x accumulation {}, max_seq_len {seq}, {divergence:?}, {teacher}): \
          {steady:.0} tokens/s after {} warm-up steps ({:.0} over all); padding {:.1}% of \
-         positions; peak RSS {peak_mb:.0} MB; {:.1}s wall in all",
+         positions; peak RSS {peak_mb:.0} MB; {:.1}s wall in all{}",
         args.steps,
         batch.0,
         batch.1,
         args.warmup,
         summary.tokens_per_sec,
         100.0 * padding,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if summary.activation_checkpointing {
+            "; layers recomputed"
+        } else {
+            ""
+        }
     );
     if args.common.json {
         print_json(&serde_json::json!({
@@ -153,6 +166,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "final_loss": summary.final_loss, "tokens_per_sec": steady,
             "tokens_per_sec_all_steps": summary.tokens_per_sec,
             "seconds_per_step": per_step, "padding_fraction": padding, "peak_rss_mb": peak_mb,
+            "generic_ops": args.generic_ops,
+            "activation_checkpointing": summary.activation_checkpointing,
             // GPU memory (cubecl's pools, sampled after each step's forward passes and at its
             // end): in use by tensors, and reserved from the driver; null on the CPU.
             "gpu_mem_gb": gpu.map(|m| m.in_use as f64 / 1e9),

@@ -50,7 +50,7 @@ pub struct ExportArgs {
     #[arg(long)]
     pub force: bool,
     /// Where to merge: cpu, cuda or cuda:N (cuda needs a binary built with --features cuda).
-    #[arg(long, default_value = "cpu", value_parser = clap::value_parser!(DeviceChoice))]
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(DeviceChoice))]
     pub device: DeviceChoice,
     /// Print {"out": DIR, "dtype": ..., "merged_modules": N} as the last line of stdout.
     #[arg(long)]

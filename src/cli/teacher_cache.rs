@@ -52,7 +52,7 @@ pub struct TeacherCacheArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Where to run the teacher: cpu, cuda or cuda:N (it computes in f32 on cpu, bf16 on cuda).
-    #[arg(long, default_value = "cpu", value_parser = clap::value_parser!(DeviceChoice))]
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(DeviceChoice))]
     pub device: DeviceChoice,
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]

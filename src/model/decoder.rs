@@ -54,6 +54,11 @@ impl<B: Backend> DecoderLayer<B> {
         })
     }
 
+    /// The layer in a forward pass over whole rows (see [`CausalLm::begin`]).
+    pub fn run(&self, x: Tensor<B, 3>, rope: &Rope<B>, pass: &Pass<B>) -> Tensor<B, 3> {
+        self.forward(x, rope, &pass.pos, &pass.mask, None)
+    }
+
     /// Every projection of the layer under its Hugging Face name within the layer
     /// (`self_attn.q_proj`, ..., `mlp.down_proj`).
     pub fn projections(&self) -> impl Iterator<Item = (String, &Linear<B>)> {
@@ -105,6 +110,22 @@ impl<B: Backend> DecoderLayer<B> {
                 .forward(self.input_layernorm.forward(x), rope, pos, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
+}
+
+/// How the rows of a batch hold its sequences.
+#[derive(Clone, Copy)]
+pub enum Rows<'a, B: Backend> {
+    /// One sequence a row, right-padded: `[batch, seq]`, true where a key is padding.
+    Padded(Option<&'a Tensor<B, 2, Bool>>),
+    /// Packed rows, several sequences each.
+    Packed(&'a Segments),
+}
+
+/// What every layer of one forward pass shares: the rotary tables at the rows' positions and
+/// the attention mask, chosen once for the pass ([`CausalLm::begin`]).
+pub struct Pass<B: Backend> {
+    pos: RopeAt<B>,
+    mask: Mask<B>,
 }
 
 /// `model.*`: embeddings, layers, final norm.
@@ -168,32 +189,13 @@ impl<B: Backend> CausalLm<B> {
         mut layer_inputs: Option<&mut Vec<Tensor<B, 3>>>,
     ) -> Tensor<B, 3> {
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let [_, seq] = ids.dims();
-        let attn = &self.model.layers[0].self_attn;
-        let device = ids.device();
-        let pos = rope.at(start, seq, attn.num_heads, attn.num_kv_heads, &device);
-        let mut x = embedding(self.model.embed_tokens.val(), ids);
-        // Attention: the CPU kernels where they run; else, without autodiff (teacher, eval,
-        // generation), burn's fused attention; else (training on another backend) tensor ops.
-        let mask = if kernels::fused_attention::<B>(x.dtype()) {
-            Mask::Fused(key_padding.map(|p| p.clone().into_data().iter::<bool>().collect()))
-        } else if !B::ad_enabled(&device) {
-            Mask::burn(start, seq, key_padding, &device)
-        } else {
-            Mask::Additive(attention_mask::<B>(
-                start,
-                seq,
-                attn.num_heads,
-                key_padding,
-                &device,
-            ))
-        };
+        let (mut x, pass) = self.begin_at(start, ids, rope, Rows::Padded(key_padding));
         for (i, layer) in self.model.layers.iter().enumerate() {
             if let Some(inputs) = layer_inputs.as_deref_mut() {
                 inputs.push(x.clone());
             }
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(x, rope, &pos, &mask, layer_cache);
+            x = layer.forward(x, rope, &pass.pos, &pass.mask, layer_cache);
         }
         self.model.norm.forward(x)
     }
@@ -209,36 +211,70 @@ impl<B: Backend> CausalLm<B> {
         rope: &Rope<B>,
         segments: &Segments,
     ) -> Tensor<B, 3> {
-        let [batch, seq] = ids.dims();
-        assert_eq!((segments.batch(), segments.seq()), (batch, seq));
-        let attn = &self.model.layers[0].self_attn;
-        let device = ids.device();
-        let positions = segments.positions();
-        let pos = rope.at_positions(
-            &positions,
-            batch,
-            attn.num_heads,
-            attn.num_kv_heads,
-            &device,
-        );
-        let mut x = embedding(self.model.embed_tokens.val(), ids);
-        let first = segments.run_starts();
-        let mask = if kernels::fused_attention::<B>(x.dtype()) {
-            Mask::Segments(first)
-        } else if !B::ad_enabled(&device) {
-            Mask::burn_segments(&first, seq, &device)
-        } else {
-            Mask::Additive(Some(segment_mask::<B>(
-                &first,
-                seq,
-                attn.num_heads,
-                &device,
-            )))
-        };
+        let (mut x, pass) = self.begin(ids, rope, Rows::Packed(segments));
         for layer in &self.model.layers {
-            x = layer.forward(x, rope, &pos, &mask, None);
+            x = layer.run(x, rope, &pass);
         }
         self.model.norm.forward(x)
+    }
+
+    /// The start of a forward pass over whole rows (no cache): the embedding output
+    /// `[batch, seq, hidden]` and what every layer shares ([`DecoderLayer::run`]); the final
+    /// hidden states are `model.norm` of the last layer's output.
+    pub fn begin(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        rope: &Rope<B>,
+        rows: Rows<'_, B>,
+    ) -> (Tensor<B, 3>, Pass<B>) {
+        self.begin_at(0, ids, rope, rows)
+    }
+
+    /// [`CausalLm::begin`] for queries at positions `start..` (after a KV cache of `start`).
+    fn begin_at(
+        &self,
+        start: usize,
+        ids: Tensor<B, 2, Int>,
+        rope: &Rope<B>,
+        rows: Rows<'_, B>,
+    ) -> (Tensor<B, 3>, Pass<B>) {
+        let [batch, seq] = ids.dims();
+        let attn = &self.model.layers[0].self_attn;
+        let (heads, kv_heads) = (attn.num_heads, attn.num_kv_heads);
+        let device = ids.device();
+        let x = embedding(self.model.embed_tokens.val(), ids);
+        // Attention: the CPU kernels where they run; else, without autodiff (teacher, eval,
+        // generation), burn's fused attention; else (training on another backend) tensor ops.
+        let fused = kernels::fused_attention::<B>(x.dtype());
+        let burn = !B::ad_enabled(&device);
+        let (pos, mask) = match rows {
+            Rows::Padded(key_padding) => {
+                let pos = rope.at(start, seq, heads, kv_heads, &device);
+                let mask = if fused {
+                    Mask::Fused(key_padding.map(|p| p.clone().into_data().iter::<bool>().collect()))
+                } else if burn {
+                    Mask::burn(start, seq, key_padding, &device)
+                } else {
+                    Mask::Additive(attention_mask::<B>(start, seq, heads, key_padding, &device))
+                };
+                (pos, mask)
+            }
+            Rows::Packed(segments) => {
+                assert_eq!((segments.batch(), segments.seq(), start), (batch, seq, 0));
+                let positions = segments.positions();
+                let pos = rope.at_positions(&positions, batch, heads, kv_heads, &device);
+                let first = segments.run_starts();
+                let mask = if fused {
+                    Mask::Segments(first)
+                } else if burn {
+                    Mask::burn_segments(&first, seq, &device)
+                } else {
+                    Mask::Additive(Some(segment_mask::<B>(&first, seq, heads, &device)))
+                };
+                (pos, mask)
+            }
+        };
+        (x, Pass { pos, mask })
     }
 
     /// `[batch, seq, hidden]` -> logits `[batch, seq, vocab_size]`.

@@ -18,7 +18,7 @@ pub mod rope;
 pub mod segments;
 
 pub use cache::KvCache;
-pub use decoder::CausalLm;
+pub use decoder::{CausalLm, DecoderLayer, Pass, Rows};
 pub use pretrained::{Pretrained, Storage};
 pub use rope::Rope;
 pub use segments::Segments;

@@ -11,4 +11,5 @@ pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod recipe;
+pub mod step;
 pub mod teacher_cache;

@@ -24,7 +24,8 @@
 //! field is named.
 
 use super::config::DistillConfig;
-use super::loss::{batch_hidden, loss_step, loss_step_cached, teacher_top_k, KdLoss};
+use super::loss::{batch_hidden, teacher_top_k, KdLoss};
+use super::step::{micro_step, micro_step_cached, MicroStep, StepSettings};
 use crate::data::batch::{Batch, IGNORE};
 use crate::data::instruct::templates;
 use crate::data::mixture::Mixture;
@@ -35,7 +36,6 @@ use crate::model::{CausalLm, Pretrained, Rope};
 use crate::util::progress_bar;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -243,17 +243,20 @@ pub enum Teacher<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Teacher<B> {
-    /// [`loss_step`] or [`loss_step_cached`] of one micro-batch.
-    pub fn loss_step(
+    /// [`micro_step`] or [`micro_step_cached`] of one micro-batch.
+    pub fn micro_step(
         &self,
         lm: &CausalLm<B>,
         rope: &Rope<B>,
         batch: &Batch<B>,
         loss: &KdLoss,
         count: usize,
-    ) -> Result<(Tensor<B, 1>, f64, f64)> {
+        settings: StepSettings,
+    ) -> Result<MicroStep<B>> {
         match self {
-            Teacher::Model(teacher) => Ok(loss_step(lm, rope, teacher, batch, loss, count)),
+            Teacher::Model(teacher) => {
+                Ok(micro_step(lm, rope, teacher, batch, loss, count, settings))
+            }
             Teacher::Cache(cache) => {
                 let device = batch.ids.device();
                 let (ids, logprobs) = cache.rows::<B>(&batch.keys, loss.top_k, &device)?;
@@ -265,8 +268,8 @@ impl<B: AutodiffBackend> Teacher<B> {
                         batch.count
                     );
                 }
-                Ok(loss_step_cached(
-                    lm, rope, ids, logprobs, batch, loss, count,
+                Ok(micro_step_cached(
+                    lm, rope, ids, logprobs, batch, loss, count, settings,
                 ))
             }
         }
