@@ -1,4 +1,4 @@
-//! Picking the backend at run time: `--device cpu|cuda[:N]|wgpu` and `--dtype`.
+//! Picking the backend at run time: `--device auto|cpu|cuda[:N]|wgpu` and `--dtype`.
 //!
 //! The CPU backend is burn's Flex: measured against NdArray and Candle on the forward pass of
 //! SmolLM2-135M (see docs/results.md, "Choosing the CPU backend"), it was the fastest, and it
@@ -26,6 +26,9 @@ pub type Wgpu = burn::backend::Wgpu;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
+    /// The first CUDA device when built with `cuda` and one is present, else a hardware wgpu
+    /// adapter when built with `wgpu`, else the CPU ([`DeviceChoice::resolve`]).
+    Auto,
     Cpu,
     Cuda(usize),
     /// wgpu's default adapter (`CUBECL_WGPU_DEFAULT_DEVICE` picks another).
@@ -36,13 +39,14 @@ impl FromStr for DeviceChoice {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             // Under a launcher, each rank its own device: cuda:{local rank}.
             "cuda" => Ok(Self::Cuda(crate::dist::default_cuda_ordinal())),
             "wgpu" => Ok(Self::Wgpu),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => bail!("--device: \"{s}\" is not cpu, cuda, cuda:N or wgpu"),
+                _ => bail!("--device: \"{s}\" is not auto, cpu, cuda, cuda:N or wgpu"),
             },
         }
     }
@@ -51,11 +55,39 @@ impl FromStr for DeviceChoice {
 impl std::fmt::Display for DeviceChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::Auto => write!(f, "auto"),
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
             Self::Wgpu => write!(f, "wgpu"),
         }
     }
+}
+
+impl DeviceChoice {
+    /// `auto` made concrete (any other choice is itself): a GPU user who forgets `--device`
+    /// trains on the GPU. A software wgpu adapter (Mesa's llvmpipe) is not chosen: it runs on
+    /// the CPU, slower than the CPU backend.
+    pub fn resolve(self) -> Self {
+        if self != Self::Auto {
+            return self;
+        }
+        #[cfg(feature = "cuda")]
+        if gpu::cuda_devices() > 0 {
+            return Self::Cuda(crate::dist::default_cuda_ordinal());
+        }
+        #[cfg(feature = "wgpu")]
+        if gpu::hardware_wgpu_adapter() {
+            return Self::Wgpu;
+        }
+        Self::Cpu
+    }
+}
+
+static CHOSEN: std::sync::OnceLock<DeviceChoice> = std::sync::OnceLock::new();
+
+/// The device this process's job runs on, once [`dispatch`] has chosen it.
+pub fn chosen() -> Option<DeviceChoice> {
+    CHOSEN.get().copied()
 }
 
 /// Compute dtype: `auto` is f32 on CPU and wgpu (which has no bf16) and bf16 on CUDA.
@@ -70,7 +102,8 @@ pub enum Precision {
 impl Precision {
     fn resolve(self, device: DeviceChoice) -> DType {
         match (self, device) {
-            (Self::Auto, DeviceChoice::Cpu | DeviceChoice::Wgpu) | (Self::F32, _) => DType::F32,
+            (Self::Auto, DeviceChoice::Auto | DeviceChoice::Cpu | DeviceChoice::Wgpu)
+            | (Self::F32, _) => DType::F32,
             (Self::Auto, DeviceChoice::Cuda(_)) | (Self::Bf16, _) => DType::BF16,
             (Self::F16, _) => DType::F16,
         }
@@ -87,9 +120,21 @@ pub trait Job {
 /// run on this thread (cubecl gives each thread its own stream and memory pool), after the
 /// device's pre-flight checks, with its failures turned into errors.
 pub fn dispatch<J: Job>(device: DeviceChoice, precision: Precision, job: J) -> Result<J::Output> {
+    let asked = device;
+    let device = device.resolve();
+    // A binary built for a GPU says where `auto` put the job (a CPU-only build has one choice).
+    let gpu_build = cfg!(any(feature = "cuda", feature = "wgpu"));
+    if asked == DeviceChoice::Auto && gpu_build && crate::dist::world().is_root() {
+        let why = match device {
+            DeviceChoice::Cpu => ": no CUDA device or hardware wgpu adapter found",
+            _ => "",
+        };
+        eprintln!("device: {device} (--device auto{why})");
+    }
+    let _ = CHOSEN.set(device);
     let dtype = precision.resolve(device);
     match device {
-        DeviceChoice::Cpu => run_on::<Cpu, J>(Default::default(), dtype, job),
+        DeviceChoice::Auto | DeviceChoice::Cpu => run_on::<Cpu, J>(Default::default(), dtype, job),
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(n) => {
             let info = gpu::cuda_preflight(n)?;

@@ -31,9 +31,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Run burn's generic tensor ops instead of the CPU kernels: the code the GPU backends run,
-    /// to measure its memory (e.g. with and without optim.activation_checkpointing) on the CPU.
+    /// to measure its memory (e.g. with and without --activation-checkpointing) on the CPU.
     #[arg(long)]
     pub generic_ops: bool,
+    /// Recompute the student's layers in the backward pass, true or false (overrides
+    /// optim.activation_checkpointing; default: on for the generic path, off for the CPU
+    /// kernels).
+    #[arg(long)]
+    pub activation_checkpointing: Option<bool>,
     /// Pack sequences into rows of max_seq_len (overrides data.packing).
     #[arg(long)]
     pub packing: Option<bool>,
@@ -56,6 +61,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         packing: args.packing,
         divergence: args.divergence,
         teacher_cache: args.teacher_cache,
+        activation_checkpointing: args.activation_checkpointing,
         ..args.job.overrides()
     };
     let setup = &args.job.setup;
@@ -80,7 +86,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     eprintln!(
         "{} steps ({} {rows} x accumulation {}, max_seq_len {}, {:?}, {teacher}): \
          {:.0} tokens/s after {} warm-up steps ({:.0} over all); padding {:.1}% of \
-         positions; peak RSS {:.0} MB; {:.1}s wall in all",
+         positions; peak RSS {:.0} MB; {:.1}s wall in all{}",
         r.steps,
         r.batch_size,
         r.grad_accum,
@@ -91,7 +97,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         r.tokens_per_sec_all_steps,
         100.0 * r.padding_fraction,
         r.peak_rss_mb,
-        r.wall_seconds
+        r.wall_seconds,
+        if r.activation_checkpointing {
+            "; layers recomputed"
+        } else {
+            ""
+        }
     );
     if c.json {
         let mut v = serde_json::to_value(&r)?;

@@ -48,9 +48,10 @@ pub enum Command {
 /// Options every command takes.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Where to run: cpu, cuda, cuda:N or wgpu (cuda and wgpu need a binary built with
-    /// --features cuda or --features wgpu).
-    #[arg(long, default_value = "cpu", value_parser = clap::value_parser!(DeviceChoice))]
+    /// Where to run: auto, cpu, cuda, cuda:N or wgpu (cuda and wgpu need a binary built with
+    /// --features cuda or --features wgpu). auto: the first CUDA device when built with cuda
+    /// and one is present, else a hardware wgpu adapter when built with wgpu, else the CPU.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(DeviceChoice))]
     pub device: DeviceChoice,
     /// Compute dtype; weights are converted to it on load. auto = f32 on cpu and wgpu, bf16 on cuda.
     #[arg(long, value_enum, default_value = "auto")]
@@ -127,10 +128,16 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Prints the final JSON line of a `--json` run.
+/// Prints the final JSON line of a `--json` run, with the device the job ran on (`--device
+/// auto` resolved).
 pub fn print_json(value: &serde_json::Value) {
+    let mut value = value.clone();
+    if let (Some(o), Some(device)) = (value.as_object_mut(), crate::device::chosen()) {
+        o.entry("device")
+            .or_insert_with(|| device.to_string().into());
+    }
     println!(
         "{}",
-        serde_json::to_string(value).expect("JSON values serialise")
+        serde_json::to_string(&value).expect("JSON values serialise")
     );
 }

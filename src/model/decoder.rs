@@ -54,6 +54,11 @@ impl<B: Backend> DecoderLayer<B> {
         })
     }
 
+    /// The layer in a forward pass over whole rows (see [`CausalLm::begin`]).
+    pub fn run(&self, x: Tensor<B, 3>, rope: &Rope<B>, pass: &Pass<B>) -> Tensor<B, 3> {
+        self.forward(x, rope, &pass.pos, &pass.mask, None)
+    }
+
     /// Every projection of the layer under its Hugging Face name within the layer
     /// (`self_attn.q_proj`, ..., `mlp.down_proj`).
     pub fn projections(&self) -> impl Iterator<Item = (String, &Linear<B>)> {
@@ -105,6 +110,22 @@ impl<B: Backend> DecoderLayer<B> {
                 .forward(self.input_layernorm.forward(x), rope, pos, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
+}
+
+/// How the rows of a batch hold its sequences.
+#[derive(Clone, Copy)]
+pub enum Rows<'a, B: Backend> {
+    /// One sequence a row, right-padded: `[batch, seq]`, true where a key is padding.
+    Padded(Option<&'a Tensor<B, 2, Bool>>),
+    /// Packed rows, several sequences each.
+    Packed(&'a Segments),
+}
+
+/// What every layer of one forward pass shares: the rotary tables at the rows' positions and
+/// the attention mask, chosen once for the pass ([`CausalLm::begin`]).
+pub struct Pass<B: Backend> {
+    pos: RopeAt<B>,
+    mask: Mask<B>,
 }
 
 /// `model.*`: embeddings, layers, final norm.
@@ -168,15 +189,8 @@ impl<B: Backend> CausalLm<B> {
         layer_inputs: Option<&mut Vec<Tensor<B, 3>>>,
     ) -> Tensor<B, 3> {
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let [_, seq] = ids.dims();
-        let attn = &self.model.layers[0].self_attn;
-        let pos = rope.at(start, seq, attn.num_heads, attn.num_kv_heads, &ids.device());
-        let keys = Keys::Causal {
-            start,
-            seq,
-            key_padding,
-        };
-        self.decode(ids, rope, &pos, keys, cache, layer_inputs)
+        let (x, pass) = self.begin_at(start, ids, rope, Rows::Padded(key_padding));
+        self.decode(x, rope, &pass, cache, layer_inputs)
     }
 
     /// [`CausalLm::hidden`] of packed rows: each sequence of `segments` has its own rotary
@@ -190,44 +204,77 @@ impl<B: Backend> CausalLm<B> {
         rope: &Rope<B>,
         segments: &Segments,
     ) -> Tensor<B, 3> {
-        let [batch, seq] = ids.dims();
-        assert_eq!((segments.batch(), segments.seq()), (batch, seq));
-        let attn = &self.model.layers[0].self_attn;
-        let pos = rope.at_positions(
-            &segments.positions(),
-            batch,
-            attn.num_heads,
-            attn.num_kv_heads,
-            &ids.device(),
-        );
-        let keys = Keys::Packed {
-            first: segments.run_starts(),
-            seq,
-        };
-        self.decode(ids, rope, &pos, keys, None, None)
+        let (x, pass) = self.begin(ids, rope, Rows::Packed(segments));
+        self.decode(x, rope, &pass, None, None)
     }
 
-    /// The body of [`CausalLm::hidden`] and [`CausalLm::hidden_packed`]: embeddings, the
-    /// layers under the mask of `keys` (chosen once for all of them), the final norm.
-    fn decode(
+    /// The start of a forward pass over whole rows (no cache): the embedding output
+    /// `[batch, seq, hidden]` and what every layer shares ([`DecoderLayer::run`]); the final
+    /// hidden states are `model.norm` of the last layer's output.
+    pub fn begin(
         &self,
         ids: Tensor<B, 2, Int>,
         rope: &Rope<B>,
-        pos: &RopeAt<B>,
-        keys: Keys<'_, B>,
+        rows: Rows<'_, B>,
+    ) -> (Tensor<B, 3>, Pass<B>) {
+        self.begin_at(0, ids, rope, rows)
+    }
+
+    /// [`CausalLm::begin`] for queries at positions `start..` (after a KV cache of `start`):
+    /// the rotary tables at the rows' positions, and the mask (and with it the attention path)
+    /// chosen once for all the layers ([`Mask::new`]).
+    fn begin_at(
+        &self,
+        start: usize,
+        ids: Tensor<B, 2, Int>,
+        rope: &Rope<B>,
+        rows: Rows<'_, B>,
+    ) -> (Tensor<B, 3>, Pass<B>) {
+        let [batch, seq] = ids.dims();
+        let attn = &self.model.layers[0].self_attn;
+        let (heads, kv_heads) = (attn.num_heads, attn.num_kv_heads);
+        let device = ids.device();
+        let (pos, keys) = match rows {
+            Rows::Padded(key_padding) => (
+                rope.at(start, seq, heads, kv_heads, &device),
+                Keys::Causal {
+                    start,
+                    seq,
+                    key_padding,
+                },
+            ),
+            Rows::Packed(segments) => {
+                assert_eq!((segments.batch(), segments.seq(), start), (batch, seq, 0));
+                (
+                    rope.at_positions(&segments.positions(), batch, heads, kv_heads, &device),
+                    Keys::Packed {
+                        first: segments.run_starts(),
+                        seq,
+                    },
+                )
+            }
+        };
+        let x = embedding(self.model.embed_tokens.val(), ids);
+        let mask = Mask::new(keys, heads, x.dtype(), &device);
+        (x, Pass { pos, mask })
+    }
+
+    /// The body of [`CausalLm::hidden`] and [`CausalLm::hidden_packed`]: the layers from the
+    /// embeddings `x`, then the final norm.
+    fn decode(
+        &self,
+        mut x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        pass: &Pass<B>,
         mut cache: Option<&mut KvCache<B>>,
         mut layer_inputs: Option<&mut Vec<Tensor<B, 3>>>,
     ) -> Tensor<B, 3> {
-        let device = ids.device();
-        let mut x = embedding(self.model.embed_tokens.val(), ids);
-        let heads = self.model.layers[0].self_attn.num_heads;
-        let mask = Mask::new(keys, heads, x.dtype(), &device);
         for (i, layer) in self.model.layers.iter().enumerate() {
             if let Some(inputs) = layer_inputs.as_deref_mut() {
                 inputs.push(x.clone());
             }
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(x, rope, pos, &mask, layer_cache);
+            x = layer.forward(x, rope, &pass.pos, &pass.mask, layer_cache);
         }
         self.model.norm.forward(x)
     }

@@ -22,7 +22,7 @@ pub mod segments;
 pub mod source;
 
 pub use cache::KvCache;
-pub use decoder::CausalLm;
+pub use decoder::{CausalLm, DecoderLayer, Pass, Rows};
 pub use pretrained::{Pretrained, Storage};
 pub use rope::Rope;
 pub use segments::Segments;

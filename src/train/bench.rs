@@ -46,6 +46,10 @@ pub struct BenchReport {
     pub gpu_mem_gb: Option<f64>,
     pub gpu_mem_peak_gb: Option<f64>,
     pub gpu_mem_reserved_peak_gb: Option<f64>,
+    /// burn's generic ops instead of the CPU kernels.
+    pub generic_ops: bool,
+    /// Whether the student's layers were recomputed in the backward pass.
+    pub activation_checkpointing: bool,
     /// Wall time of the whole measurement.
     #[serde(skip)]
     pub wall_seconds: f64,
@@ -120,6 +124,8 @@ impl Bench {
             gpu_mem_gb: gb(|m| m.in_use),
             gpu_mem_peak_gb: gb(|m| m.peak_in_use),
             gpu_mem_reserved_peak_gb: gb(|m| m.peak_reserved),
+            generic_ops: self.generic_ops,
+            activation_checkpointing: summary.activation_checkpointing,
             wall_seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -90,12 +90,13 @@ pub struct OptimSection {
     /// instead of max_steps: the steps whose batches draw that many times as many sequences
     /// as all files hold (with packing, counted by packing the draw order).
     pub epochs: Option<f64>,
-    /// Train through burn's `BalancedCheckpointing`: the student's elementwise and layout ops
-    /// are recomputed in the backward pass instead of kept (less memory, a little more compute).
-    /// For the generic path (GPU backends); the CPU training kernels keep no such tensors and
-    /// run without it. Not part of a checkpoint's settings: a run may resume with it changed.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub activation_checkpointing: bool,
+    /// Activation checkpointing, layer by layer: the student's forward pass keeps only each
+    /// layer's input and the backward pass runs each layer again (less memory, about a third
+    /// more compute). Unset: on for the generic path (the GPU backends), off for the CPU
+    /// training kernels, which keep little. Not part of a checkpoint's settings: a run may
+    /// resume with it changed (the gradients are the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activation_checkpointing: Option<bool>,
 }
 
 impl Default for OptimSection {
@@ -112,7 +113,7 @@ impl Default for OptimSection {
             grad_accum: 1,
             max_steps: 100,
             epochs: None,
-            activation_checkpointing: false,
+            activation_checkpointing: None,
         }
     }
 }

@@ -18,7 +18,6 @@ use crate::prune::{calibration_lines, check_pruned, prune_into, CALIBRATION_BATC
 use crate::util::fs::absolute;
 use crate::util::{refuse_overlap, remove_leftovers, start_over, write_file_atomically};
 use anyhow::{bail, Context, Result};
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
@@ -73,6 +72,8 @@ pub struct Overrides {
     pub eval_tokens: Option<usize>,
     /// output.mmlu_limit.
     pub mmlu_limit: Option<usize>,
+    /// optim.activation_checkpointing.
+    pub activation_checkpointing: Option<bool>,
 }
 
 impl DistillJob {
@@ -112,6 +113,9 @@ impl DistillJob {
             eval_tokens => output.eval_tokens,
             mmlu_limit => output.mmlu_limit,
         );
+        if o.activation_checkpointing.is_some() {
+            cfg.optim.activation_checkpointing = o.activation_checkpointing;
+        }
         cfg.validate("command line")?;
         let model = |spec: &Path, what: &str| -> Result<PathBuf> {
             absolute(&hub::model_dir(spec, spec, None, what)?)
@@ -239,16 +243,18 @@ fn existing_run(dir: &Path) -> Option<String> {
 impl Job for DistillJob {
     type Output = Outcome;
     fn run<B: Backend>(self, device: B::Device) -> Result<Outcome> {
-        // The generic training path can checkpoint; the CPU training kernels keep nothing it
-        // would save.
+        // Layer recompute: on by default on the generic path (the GPU backends), where every
+        // layer's activations would otherwise stay for the backward pass; off by default on
+        // the CPU training kernels, which keep little (docs/gpu.md, "Memory").
         let dtype = Tensor::<B, 1>::zeros([1], &device).dtype();
         let kernels_train = kernels::fused_attention::<Autodiff<B>>(dtype);
-        let checkpointing = self.cfg.optim.activation_checkpointing && !kernels_train;
+        let recompute = self
+            .cfg
+            .optim
+            .activation_checkpointing
+            .unwrap_or(!kernels_train);
         let world = crate::dist::world();
-        if self.cfg.optim.activation_checkpointing && kernels_train && world.is_root() {
-            eprintln!("optim.activation_checkpointing: not needed by the CPU training kernels (they recompute attention and keep no elementwise outputs); running without it");
-        }
-        self.memory_plan(dtype.size(), checkpointing)?;
+        self.memory_plan(dtype.size(), recompute, kernels_train)?;
         std::fs::create_dir_all(&self.run_dir)
             .with_context(|| format!("{}: cannot create", self.run_dir.display()))?;
         let student = match self.student {
@@ -296,12 +302,9 @@ impl Job for DistillJob {
             run_dir: self.run_dir.clone(),
             resume: self.resume,
             stop,
+            recompute,
         };
-        let outcome = if checkpointing {
-            distill::<Autodiff<B, BalancedCheckpointing>>(&self.cfg, &run, &device)?
-        } else {
-            distill::<Autodiff<B>>(&self.cfg, &run, &device)?
-        };
+        let outcome = distill::<Autodiff<B>>(&self.cfg, &run, &device)?;
         match &outcome {
             Outcome::Finished(summary) if world.is_root() => {
                 let text = serde_json::to_string_pretty(summary)? + "\n";
@@ -317,7 +320,7 @@ impl DistillJob {
     /// Prints the memory plan (see [`super::memory`]) before any weights load; on a GPU, a plan
     /// that exceeds the device's memory is an error. The student's layers are its own when it
     /// exists, else the base model's (LaCo's result is not known before it runs).
-    fn memory_plan(&self, elem_bytes: usize, checkpointing: bool) -> Result<()> {
+    fn memory_plan(&self, elem_bytes: usize, recompute: bool, kernels: bool) -> Result<()> {
         let teacher = ModelConfig::from_dir(&self.teacher)?;
         let student = self
             .student
@@ -335,7 +338,8 @@ impl DistillJob {
             lora_r: lora.r,
             lora_targets: lora.target_modules.len(),
             dropout: lora.dropout > 0.0,
-            checkpointing,
+            recompute,
+            kernels,
         };
         let plan = MemoryPlan::new(&teacher, student_layers, shape);
         let gpu = current_gpu();

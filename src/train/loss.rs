@@ -9,13 +9,12 @@
 
 use crate::data::batch::Batch;
 use crate::kernels;
-use crate::model::chunk::{predicting_rows, row_chunks, rows_per_chunk};
+use crate::model::chunk::{predicting_rows, row_chunks};
 use crate::model::logprobs::token_nll;
-use crate::model::{CausalLm, Pretrained, Rope, Segments};
+use crate::model::{CausalLm, Rope, Segments};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{
-    activation::log_softmax, backend::Backend, Bool, DType, ElementConversion, Int, Tensor,
-    TensorData,
+    activation::log_softmax, backend::Backend, Bool, DType, Int, Tensor, TensorData,
 };
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -57,13 +56,14 @@ impl Default for KdLoss {
 }
 
 /// Un-normalised sums over the counted rows of one or more chunks.
+#[derive(Clone)]
 pub struct LossSums<B: Backend> {
     pub kd: Tensor<B, 1>,
     pub ce: Tensor<B, 1>,
 }
 
 impl<B: Backend> LossSums<B> {
-    fn add(self, other: Self) -> Self {
+    pub fn add(self, other: Self) -> Self {
         Self {
             kd: self.kd + other.kd,
             ce: self.ce + other.ce,
@@ -98,32 +98,52 @@ impl<B: Backend> From<Tensor<B, 2>> for TeacherRows<B> {
     }
 }
 
-/// The one chunk driver: for each range of `chunk_rows` rows (see
-/// [`crate::model::chunk::rows_per_chunk`]), `logits(range)` gives the student's logits
-/// `[rows, vocab]` of those rows and the teacher's (logits, or [`TeacherRows::TopK`]), and
-/// their KD and CE sums are accumulated. Every row counts: positions whose label is -100 are
-/// left out before (see [`crate::data::batch::Batch::rows`]).
+/// The one chunk driver, the loss fused with the linear layer before it (as Liger-Kernel's
+/// fused linear JSD and cut cross-entropy do): for each range of `chunk_rows` rows (see
+/// [`crate::model::chunk::rows_per_chunk`]), `head` turns those rows of `inputs` into the
+/// student's logits `[rows, vocab]` (the frozen lm_head in training; the identity when `inputs`
+/// are logits already), `teacher(range)` gives the teacher's side, their KD and CE sums are
+/// added up, and the chunk's share of the loss `alpha KD + (1 - alpha) CE`, divided by `count`,
+/// is backpropagated at once to the chunk's inputs. No `[rows, vocab]` tensor outlives its
+/// chunk: what the step keeps is the gradient with respect to `inputs`, `[rows, width]`.
+/// Every row counts: positions whose label is -100 are left out before (see
+/// [`crate::data::batch::Batch::rows`]).
 ///
-/// - `targets`: `[rows]` next-token ids
-pub fn chunked_kd<B: Backend, T: Into<TeacherRows<B>>>(
+/// - `inputs`: `[rows, width]`, `targets`: `[rows]` next-token ids
+/// - returns the gradient of the loss with respect to `inputs` and the un-normalised sums
+pub fn chunked_kd<B: AutodiffBackend, T: Into<TeacherRows<B>>>(
     chunk_rows: usize,
+    inputs: Tensor<B::InnerBackend, 2>,
     targets: Tensor<B, 1, Int>,
     cfg: &KdLoss,
-    mut logits: impl FnMut(Range<usize>) -> (Tensor<B, 2>, T),
-) -> LossSums<B> {
+    count: usize,
+    head: impl Fn(Tensor<B, 2>) -> Tensor<B, 2>,
+    mut teacher: impl FnMut(Range<usize>) -> T,
+) -> (Tensor<B::InnerBackend, 2>, LossSums<B::InnerBackend>) {
     let rows = targets.dims()[0];
-    let mut total: Option<LossSums<B>> = None;
+    let mut total: Option<LossSums<B::InnerBackend>> = None;
+    let mut grads = Vec::new();
     for r in row_chunks(rows, chunk_rows) {
-        let (student, teacher) = logits(r.clone());
-        let targets = targets.clone().slice(r);
-        let sums = fused_chunk_sums(&student, teacher.into(), &targets, cfg)
+        let x = Tensor::<B, 2>::from_inner(inputs.clone().slice(r.clone())).require_grad();
+        let student = head(x.clone());
+        let targets = targets.clone().slice(r.clone());
+        let sums = fused_chunk_sums(&student, teacher(r).into(), &targets, cfg)
             .unwrap_or_else(|teacher| chunk_sums(student, teacher, targets, cfg));
+        let (loss, _, _) = sums.clone().means(count, cfg);
+        grads.push(
+            x.grad(&loss.backward())
+                .expect("the chunk's inputs take a gradient"),
+        );
+        let sums = LossSums {
+            kd: sums.kd.inner(),
+            ce: sums.ce.inner(),
+        };
         total = Some(match total {
             Some(t) => t.add(sums),
             None => sums,
         });
     }
-    total.expect("at least one row")
+    (Tensor::cat(grads, 0), total.expect("at least one row"))
 }
 
 /// [`kernels::kd_ce_sums`] or [`kernels::top_k_kd_ce_sums`] where they run (on the CPU);
@@ -213,81 +233,6 @@ pub fn teacher_top_k<B: Backend>(
     }
     let (logprobs, ids) = log_softmax(logits.cast(DType::F32), 1).topk_with_indices(k, 1);
     (ids, logprobs)
-}
-
-/// Both forwards and the chunked loss of one micro-batch: `(loss to backpropagate, kd, ce)`,
-/// the loss already divided by the step's `count`. With `top_k_forward_kl` the teacher's
-/// logits are reduced to their top-k first, as a teacher cache stores them.
-pub fn loss_step<B: AutodiffBackend>(
-    lm: &CausalLm<B>,
-    rope: &Rope<B>,
-    teacher: &Pretrained<B::InnerBackend>,
-    batch: &Batch<B>,
-    loss: &KdLoss,
-    count: usize,
-) -> (Tensor<B, 1>, f64, f64) {
-    let t_padding = batch.padding.clone().map(|p| p.inner());
-    let t_hidden = counted_hidden(
-        &teacher.lm,
-        &teacher.rope,
-        batch.ids.clone().inner(),
-        t_padding.as_ref(),
-        batch.segments.as_ref(),
-        batch.rows.clone().inner(),
-    );
-    student_step(lm, rope, batch, loss, count, |r| {
-        let logits = teacher.lm.logits_2d(t_hidden.clone().slice(r));
-        if loss.divergence == Divergence::TopKForwardKl {
-            let (ids, logprobs) = teacher_top_k(logits, loss.top_k);
-            TeacherRows::TopK {
-                ids: Tensor::from_inner(ids),
-                logprobs: Tensor::from_inner(logprobs),
-            }
-        } else {
-            TeacherRows::Logits(Tensor::from_inner(logits))
-        }
-    })
-}
-
-/// [`loss_step`] without the teacher: its top-k `ids` and `logprobs` (`[count, k]`, the
-/// batch's counted rows in order) come from a teacher cache.
-pub fn loss_step_cached<B: AutodiffBackend>(
-    lm: &CausalLm<B>,
-    rope: &Rope<B>,
-    ids: Tensor<B, 2, Int>,
-    logprobs: Tensor<B, 2>,
-    batch: &Batch<B>,
-    loss: &KdLoss,
-    count: usize,
-) -> (Tensor<B, 1>, f64, f64) {
-    student_step(lm, rope, batch, loss, count, |r| TeacherRows::TopK {
-        ids: ids.clone().slice(r.clone()),
-        logprobs: logprobs.clone().slice(r),
-    })
-}
-
-/// The student's forward pass and the chunked loss against `teacher(rows)`.
-fn student_step<B: AutodiffBackend>(
-    lm: &CausalLm<B>,
-    rope: &Rope<B>,
-    batch: &Batch<B>,
-    loss: &KdLoss,
-    count: usize,
-    mut teacher: impl FnMut(Range<usize>) -> TeacherRows<B>,
-) -> (Tensor<B, 1>, f64, f64) {
-    // Only the counted positions reach the lm_head and the loss.
-    let hidden = batch_hidden(lm, rope, batch);
-    let chunk = rows_per_chunk(lm.model.embed_tokens.dims()[0]);
-    let sums = chunked_kd(chunk, batch.targets.clone(), loss, |r| {
-        let student = lm.logits_2d(hidden.clone().slice(r.clone()));
-        (student, teacher(r))
-    });
-    let (loss, kd, ce) = sums.means(count, loss);
-    (
-        loss,
-        kd.into_scalar().elem::<f64>(),
-        ce.into_scalar().elem::<f64>(),
-    )
 }
 
 /// The final hidden states `[count, hidden]` at a batch's counted positions (`rows`) of its

@@ -1,8 +1,8 @@
 //! The memory plan of a distillation run, printed before any weights load: the teacher's and
 //! the student's weights, the adapters with their gradients and AdamW moments, the activations
-//! the student's backward pass keeps per layer for one micro-batch, the teacher's largest
-//! transient, and the logits of the loss. A run whose plan exceeds the GPU's memory stops here,
-//! naming the biggest term and what lowers it, instead of failing after loading 16 GB.
+//! the student's backward pass keeps for one micro-batch, the teacher's largest transient, and
+//! the loss. A run whose plan exceeds the GPU's memory stops here, naming the biggest term and
+//! what lowers it, instead of failing after loading 16 GB.
 //!
 //! The activation terms count the tensors burn's autodiff keeps on the generic path (what the
 //! GPU backends run), layer by layer in the forward pass of [`crate::model`]:
@@ -14,10 +14,11 @@
 //!   every key, so `keys = seq`
 //! - SwiGLU: the sigmoid, the gate, the SiLU output and the up projection (`4 x intermediate`)
 //!
-//! `optim.activation_checkpointing` (burn's `BalancedCheckpointing`) recomputes elementwise
-//! outputs instead of keeping them, but their inputs stay; measured on the CPU's generic path
-//! it saved nothing (docs/gpu.md, "Memory"), so the plan counts the same activations with
-//! it. The same measurement put the plan 13% under the peak resident memory.
+//! Kept, every layer's activations stay until the backward pass; with layer recompute
+//! ([`super::step`]) only each layer's input stays, and one layer's activations exist at a time
+//! (while that layer runs again). The loss keeps no logits ([`super::loss::chunked_kd`]): the
+//! counted rows' hidden states of student and teacher, their gradient, and one chunk's
+//! transients.
 
 use crate::hf::ModelConfig;
 use crate::model::chunk::CHUNK_ELEMENTS;
@@ -36,8 +37,10 @@ pub struct Shape {
     /// Adapted projections per layer, and whether the adapters use dropout.
     pub lora_targets: usize,
     pub dropout: bool,
-    /// Only labels the plan (see the module doc).
-    pub checkpointing: bool,
+    /// Layer recompute (activation checkpointing, [`super::step`]).
+    pub recompute: bool,
+    /// The CPU training kernels run (the plan counts the generic path; it says so).
+    pub kernels: bool,
 }
 
 /// The plan's terms in bytes.
@@ -83,13 +86,30 @@ impl MemoryPlan {
         let per_layer = (tokens * width + scores) * e;
         // The additive mask of a padded batch, once per forward pass.
         let mask = b * nh * t * t * e;
+        let activations = match s.recompute {
+            // Each layer's input, one layer's activations, and the gradient passed between
+            // layers (two of them while a layer runs its backward pass).
+            true => student_layers * tokens * h * e + per_layer + 2 * tokens * h * e,
+            false => per_layer * student_layers,
+        } + mask;
         // The teacher's largest transient (no autodiff): one layer's MLP and attention scores.
         let teacher_peak = (tokens * (3 * i + 4 * h) + b * nh * t * t) * e;
-        // The loss: every chunk of counted rows keeps its student logits (compute dtype) and,
-        // cast to f32, its log-probabilities and their exponentials for the backward pass; at
-        // most batch x (seq - 1) rows.
+        // The loss: the counted rows' hidden states (student and teacher, compute dtype) and
+        // their gradient (f32), then one chunk: the logits of both (compute dtype), both
+        // log-probabilities, the exponentials and the logits' gradient (f32).
         let rows = b * (t.max(2) - 1);
-        let logits = rows * v * (e + 4 * 3) + CHUNK_ELEMENTS as u64 * 4 * 4;
+        let loss = rows * h * (2 * e + 4) + CHUNK_ELEMENTS as u64 * (2 * e + 16);
+        let how = match (s.recompute, s.kernels) {
+            (true, _) => format!("{student_layers} layer inputs + one layer's activations"),
+            (false, false) => format!(
+                "{:.2} GB per layer x {student_layers}",
+                per_layer as f64 / GB
+            ),
+            (false, true) => format!(
+                "generic path: {:.2} GB per layer x {student_layers}; the CPU kernels keep less",
+                per_layer as f64 / GB
+            ),
+        };
         let terms = vec![
             (
                 format!("teacher weights ({} layers)", c.num_hidden_layers),
@@ -102,18 +122,20 @@ impl MemoryPlan {
             ("adapters + gradients + AdamW moments".to_string(), adapters),
             (
                 format!(
-                    "student activations: {:.2} GB per layer x {student_layers} (batch {} x {} tokens{})",
-                    per_layer as f64 / GB,
-                    s.batch,
-                    s.seq,
-                    if s.checkpointing { ", checkpointing" } else { "" }
+                    "student activations: {how} (batch {} x {} tokens)",
+                    s.batch, s.seq
                 ),
-                per_layer * student_layers + mask,
+                activations,
             ),
-            ("teacher forward (one layer's transients)".to_string(), teacher_peak),
             (
-                format!("loss logits ({rows} rows x {v} vocabulary, kept for backward)"),
-                logits,
+                "teacher forward (one layer's transients)".to_string(),
+                teacher_peak,
+            ),
+            (
+                format!(
+                    "loss ({rows} rows: hidden states, their gradient, one chunk of {v} logits)"
+                ),
+                loss,
             ),
         ];
         let total = terms.iter().map(|(_, bytes)| bytes).sum();
@@ -172,7 +194,8 @@ mod tests {
             lora_r: 32,
             lora_targets: 7,
             dropout: true,
-            checkpointing: false,
+            recompute: false,
+            kernels: false,
         };
         let plan = MemoryPlan::new(&cfg, 26, shape);
         // Qwen3-8B has 8.19 B parameters: 16.4 GB in bf16.
@@ -187,5 +210,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lower optim.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn layer_recompute_fits_the_flagship_on_one_h200_at_16_x_2048() {
+        let cfg = qwen3_8b();
+        for (batch, seq) in [(8, 1024), (16, 2048)] {
+            let plan = |recompute| {
+                let shape = Shape {
+                    batch,
+                    seq,
+                    elem_bytes: 2,
+                    lora_r: 32,
+                    lora_targets: 7,
+                    dropout: true,
+                    recompute,
+                    kernels: false,
+                };
+                MemoryPlan::new(&cfg, 26, shape)
+            };
+            let (kept, recomputed) = (plan(false), plan(true));
+            kept.print(&format!("{batch} x {seq}, layers kept"), None);
+            recomputed.print(&format!("{batch} x {seq}, layers recomputed"), None);
+            // Weights, adapters, teacher and loss are the same; the activations shrink from 26
+            // layers' to one layer's plus 26 inputs.
+            assert_eq!(kept.terms[0].1, recomputed.terms[0].1);
+            assert!(
+                recomputed.terms[3].1 * 5 < kept.terms[3].1,
+                "{batch} x {seq}: activations {} vs {}",
+                recomputed.terms[3].1,
+                kept.terms[3].1
+            );
+            assert!(recomputed.check_fits("H200", 141_000_000_000).is_ok());
+        }
     }
 }

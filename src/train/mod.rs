@@ -12,5 +12,6 @@ pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod recipe;
+pub mod step;
 pub mod teacher;
 pub mod teacher_cache;

@@ -4,7 +4,7 @@
 use super::config::OptimSection;
 use crate::model::CausalLm;
 use burn::optim::{adaptor::OptimizerAdaptor, AdamW, AdamWConfig, GradientsParams};
-use burn::tensor::{backend::AutodiffBackend, ElementConversion};
+use burn::tensor::{backend::AutodiffBackend, DType, Tensor};
 
 pub type Optim<B> = OptimizerAdaptor<AdamW, CausalLm<B>, B>;
 
@@ -31,30 +31,34 @@ pub fn lr_at(o: &OptimSection, step: usize) -> f64 {
 }
 
 /// Scales all adapter gradients so their global L2 norm is at most `max` (0: no clipping);
-/// returns the norm before clipping.
+/// returns the norm before clipping, `[1]` on the device.
 pub fn clip_global_norm<B: AutodiffBackend>(
     lm: &CausalLm<B>,
     grads: &mut GradientsParams,
     max: f64,
-) -> f64 {
+    device: &B::Device,
+) -> Tensor<B::InnerBackend, 1> {
     let ids: Vec<_> = lm
         .projections()
         .into_iter()
         .filter_map(|(_, l)| l.lora.as_ref().map(|a| [a.lora_a.id, a.lora_b.id]))
         .flatten()
         .collect();
-    let mut sq = 0.0f64;
-    for id in &ids {
-        if let Some(g) = grads.get::<B::InnerBackend, 2>(*id) {
-            sq += g.powi_scalar(2).sum().into_scalar().elem::<f64>();
-        }
-    }
-    let norm = sq.sqrt();
-    if max > 0.0 && norm > max {
-        let scale = max / (norm + 1e-6);
+    let norm = ids
+        .iter()
+        .filter_map(|id| grads.get::<B::InnerBackend, 2>(*id))
+        .map(|g| g.cast(DType::F32).powi_scalar(2).sum())
+        .fold(Tensor::zeros([1], device), |a, b| a + b)
+        .sqrt();
+    if max > 0.0 {
+        // max / norm where the norm exceeds max, else 1, without reading the norm back.
+        let over = norm.clone().greater_elem(max);
+        let scale = Tensor::ones([1], device)
+            .mask_where(over, norm.clone().add_scalar(1e-6).recip().mul_scalar(max));
         for id in &ids {
             if let Some(g) = grads.remove::<B::InnerBackend, 2>(*id) {
-                grads.register(*id, g.mul_scalar(scale));
+                let scale = scale.clone().cast(g.dtype()).reshape([1, 1]);
+                grads.register(*id, g * scale);
             }
         }
     }

@@ -33,27 +33,38 @@ pub fn micro_batch_seed(step_seed: u64, index: usize) -> u64 {
     }
 }
 
-/// In a data-parallel run, a step's gradients and (loss, kd, ce) sums added over the ranks, and
-/// whether any rank was asked to stop (`stop`: this rank's flag); in one process, unchanged.
+/// The dropout seed of decoder layer `layer` in a micro-batch seeded with `micro_batch_seed`: each
+/// layer reseeds the backend's generator, so that a layer run again in the backward pass
+/// (activation checkpointing) draws the masks of its first pass.
+pub fn layer_seed(micro_batch_seed: u64, layer: usize) -> u64 {
+    micro_batch_seed
+        ^ (layer as u64 + 1)
+            .wrapping_mul(0xA076_1D64_78BD_642F)
+            .rotate_left(17)
+}
+
+/// In a data-parallel run, a step's gradients and `[3]` (loss, kd, ce) sums added over the
+/// ranks, and whether any rank was asked to stop (`stop`: this rank's flag); in one process,
+/// unchanged (the sums stay on the device).
 pub fn sum_over_ranks<B: AutodiffBackend>(
     world: World,
     lm: &CausalLm<B>,
     grads: GradientsParams,
-    sums: [f64; 3],
+    sums: Tensor<B::InnerBackend, 1>,
     stop: bool,
     device: &B::Device,
-) -> Result<(GradientsParams, [f64; 3], bool)> {
+) -> Result<(GradientsParams, Tensor<B::InnerBackend, 1>, bool)> {
     if !world.is_distributed() {
         return Ok((grads, sums, stop));
     }
-    let mut scalars = [sums[0], sums[1], sums[2], stop as u8 as f64];
+    let mut scalars: Vec<f64> = sums.into_data().iter::<f64>().collect();
+    scalars.push(stop as u8 as f64);
     world.sum(&mut scalars);
+    let stop = scalars.pop().is_some_and(|s| s > 0.0);
+    let sums: Vec<f32> = scalars.into_iter().map(|s| s as f32).collect();
+    let sums = Tensor::from_data(TensorData::new(sums, [3]), device);
     let grads = sum_gradients(world, lm, grads, device)?;
-    Ok((
-        grads,
-        [scalars[0], scalars[1], scalars[2]],
-        scalars[3] > 0.0,
-    ))
+    Ok((grads, sums, stop))
 }
 
 /// Sums the adapters' gradients over all ranks as one flat f32 buffer (MPI or NCCL, see

@@ -13,6 +13,7 @@ use super::evaluate::{Baseline, HeldOut};
 use super::metrics::{throughput, Metrics};
 use super::optim::{adamw, clip_global_norm, lr_at, Optim};
 use super::parallel::{micro_batch_seed, step_seed, sum_over_ranks};
+use super::step::StepSettings;
 use super::teacher::Teacher;
 use super::teacher_cache::{self, TeacherCache};
 use crate::data::batch::Batch;
@@ -24,10 +25,10 @@ use crate::model::adapter::{attach_new, save_adapter};
 use crate::model::{CausalLm, Pretrained, Rope};
 use crate::util::check::first_difference;
 use crate::util::{progress_bar, write_dir_atomically, write_file_atomically};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::{backend::AutodiffBackend, ElementConversion};
+use burn::tensor::{backend::AutodiffBackend, Tensor};
 use indicatif::ProgressBar;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -61,6 +62,8 @@ pub struct Summary {
     pub gpu_memory: Option<Box<GpuMemory>>,
     /// The share of the positions of the training batches (all ranks') that were padding.
     pub padding_fraction: f64,
+    /// Whether the student's layers were recomputed in the backward pass.
+    pub activation_checkpointing: bool,
 }
 
 /// Where and how a run goes, beyond its config.
@@ -72,6 +75,9 @@ pub struct Run {
     pub resume: Option<PathBuf>,
     /// Set by SIGINT/SIGTERM: finish the step, checkpoint, stop.
     pub stop: Arc<AtomicBool>,
+    /// Recompute the student's layers in the backward pass (`optim.activation_checkpointing`
+    /// resolved for the backend).
+    pub recompute: bool,
 }
 
 pub enum Outcome {
@@ -118,6 +124,8 @@ struct Recipe<'a, B: AutodiffBackend> {
     final_loss: f64,
     step_times: Vec<(usize, f64)>,
     gpu_memory: Option<GpuMemory>,
+    /// Whether the student's layers are recomputed in the backward pass (see [`super::step`]).
+    recompute: bool,
     /// Padding positions of the steps' batches (all ranks').
     padded: usize,
     saved_at: Option<PathBuf>,
@@ -255,6 +263,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             final_loss,
             step_times: Vec::new(),
             gpu_memory: None,
+            recompute: run.recompute,
             padded: 0,
             saved_at: run.resume.clone(),
             bar,
@@ -279,17 +288,19 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             self.padded += micro.iter().map(Batch::padded_positions).sum::<usize>();
             let (grads, sums, tokens) = self.accumulate(&micro, seed)?;
             let stop = self.run.stop.load(Ordering::SeqCst);
-            let (mut grads, [loss, kd, ce], stop) =
+            let (mut grads, sums, stop) =
                 sum_over_ranks(self.world, &self.lm, grads, sums, stop, &self.device)?;
             self.ranks_stop = stop;
-            let grad_norm = clip_global_norm(&self.lm, &mut grads, o.grad_clip);
+            let grad_norm = clip_global_norm(&self.lm, &mut grads, o.grad_clip, &self.device);
+            // The step's one read from the device: loss, kd, ce and the gradient norm.
+            let [loss, kd, ce, grad_norm] = to_host(Tensor::cat(vec![sums, grad_norm], 0))?;
             if !(loss.is_finite() && grad_norm.is_finite()) {
                 self.bar.finish_and_clear();
                 bail!(self.diverged(loss, grad_norm));
             }
             self.lm = self.optim.step(lr, self.lm.clone(), grads);
-            // On a GPU: the step's work done (its failures become errors here), memory sampled.
-            crate::device::step_done::<B>(&self.device)?;
+            // On a GPU: failures reported become errors here, memory sampled.
+            crate::device::step_done()?;
             self.step += 1;
             self.tokens += tokens;
             self.final_loss = loss;
@@ -345,25 +356,28 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         &self,
         micro: &[Batch<B>],
         seed: u64,
-    ) -> Result<(GradientsParams, [f64; 3], usize)> {
+    ) -> Result<(GradientsParams, Tensor<B::InnerBackend, 1>, usize)> {
         let count: usize = micro.iter().map(|b| b.count).sum();
         let tokens = micro.iter().map(|b| b.tokens).sum();
         let mut acc = GradientsAccumulator::new();
-        let mut sums = [0.0; 3];
+        let mut sums = Tensor::zeros([3], &self.device);
         let mine = self.world.share(micro.len());
+        let recompute = self.recompute;
         for (index, batch) in micro.iter().enumerate().take(mine.end).skip(mine.start) {
-            B::seed(&self.device, micro_batch_seed(seed, index));
-            let (loss, kd, ce) =
-                self.teacher
-                    .loss_step(&self.lm, &self.rope, batch, &self.cfg.loss, count)?;
-            sums[0] += loss.clone().into_scalar().elem::<f64>();
-            // The forward passes are done and the graph holds every activation: the step's
-            // peak, as near as sampling gets.
-            crate::device::gpu_memory();
-            sums[1] += kd;
-            sums[2] += ce;
-            let grads = GradientsParams::from_grads(loss.backward(), &self.lm);
-            acc.accumulate(&self.lm, grads);
+            let settings = StepSettings {
+                recompute,
+                seed: micro_batch_seed(seed, index),
+            };
+            let step = self.teacher.micro_step(
+                &self.lm,
+                &self.rope,
+                batch,
+                &self.cfg.loss,
+                count,
+                settings,
+            )?;
+            sums = sums + step.sums;
+            acc.accumulate(&self.lm, step.grads);
         }
         Ok((acc.grads(), sums, tokens))
     }
@@ -494,6 +508,15 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             },
             step_times: self.step_times,
             gpu_memory: self.gpu_memory.map(Box::new),
+            activation_checkpointing: self.recompute,
         })
     }
+}
+
+/// A small device tensor's values, read in one transfer.
+fn to_host<B: burn::tensor::backend::Backend, const N: usize>(t: Tensor<B, 1>) -> Result<[f64; N]> {
+    let values: Vec<f64> = t.into_data().iter::<f64>().collect();
+    values
+        .try_into()
+        .map_err(|v: Vec<f64>| anyhow!("{} values read from the device, {N} expected", v.len()))
 }

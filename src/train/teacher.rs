@@ -1,13 +1,13 @@
 //! Where a distillation step's teacher distributions come from: the teacher model, run every
 //! step, or a teacher cache ([`super::teacher_cache`]) read instead.
 
-use super::loss::{loss_step, loss_step_cached, KdLoss};
+use super::loss::KdLoss;
+use super::step::{micro_step, micro_step_cached, MicroStep, StepSettings};
 use super::teacher_cache::TeacherCache;
 use crate::data::batch::Batch;
 use crate::model::{CausalLm, Pretrained, Rope};
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
 
 /// The source of a step's teacher distributions.
 pub enum Teacher<B: AutodiffBackend> {
@@ -18,17 +18,20 @@ pub enum Teacher<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Teacher<B> {
-    /// [`loss_step`] or [`loss_step_cached`] of one micro-batch.
-    pub fn loss_step(
+    /// [`micro_step`] or [`micro_step_cached`] of one micro-batch.
+    pub fn micro_step(
         &self,
         lm: &CausalLm<B>,
         rope: &Rope<B>,
         batch: &Batch<B>,
         loss: &KdLoss,
         count: usize,
-    ) -> Result<(Tensor<B, 1>, f64, f64)> {
+        settings: StepSettings,
+    ) -> Result<MicroStep<B>> {
         match self {
-            Teacher::Model(teacher) => Ok(loss_step(lm, rope, teacher, batch, loss, count)),
+            Teacher::Model(teacher) => {
+                Ok(micro_step(lm, rope, teacher, batch, loss, count, settings))
+            }
             Teacher::Cache(cache) => {
                 let device = batch.ids.device();
                 let (ids, logprobs) = cache.rows::<B>(&batch.keys, loss.top_k, &device)?;
@@ -40,8 +43,8 @@ impl<B: AutodiffBackend> Teacher<B> {
                         batch.count
                     );
                 }
-                Ok(loss_step_cached(
-                    lm, rope, ids, logprobs, batch, loss, count,
+                Ok(micro_step_cached(
+                    lm, rope, ids, logprobs, batch, loss, count, settings,
                 ))
             }
         }

@@ -36,6 +36,12 @@ fn eval_ppl_matches_transformers() {
     );
     let nll = r["mean_nll"].as_f64().unwrap();
     assert!((nll - golden["mean_nll"].as_f64().unwrap()).abs() <= 1e-4);
+    // No --device: auto, which a binary without a GPU backend resolves to the CPU, silently.
+    assert_eq!(r["device"], "cpu", "{r}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !cfg!(any(feature = "cuda", feature = "wgpu")) {
+        assert!(!err.contains("device:"), "{err}");
+    }
 }
 
 #[test]

@@ -61,7 +61,8 @@ fn f32_export_gives_peft_logits_in_the_base_format() {
     let summary = json_line(&export(&out, &["--save-dtype", "f32", "--json"]));
     assert_eq!(
         summary,
-        serde_json::json!({"out": out.to_str().unwrap(), "dtype": "f32", "merged_modules": 56})
+        serde_json::json!({"out": out.to_str().unwrap(), "dtype": "f32", "merged_modules": 56,
+                           "device": "cpu"})
     );
 
     // Measured 6.7e-6.

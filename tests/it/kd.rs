@@ -2,11 +2,12 @@
 
 use crate::common::*;
 use burn::backend::Autodiff;
-use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use laco_train::kernels;
 use laco_train::model::Pretrained;
 use laco_train::train::loss::{chunk_sums, chunked_kd, Divergence, KdLoss};
 
-/// Training's backend: the loss runs as one fused autodiff node there (forward and reverse KL).
+/// Training's backend: the loss runs as one fused autodiff node there on the CPU kernels.
 type Ad = Autodiff<B>;
 
 struct Case {
@@ -64,45 +65,31 @@ fn case() -> Case {
     }
 }
 
-/// (loss, kd, ce) with rows split into chunks of `chunk_rows`, on backend `B2`.
-fn losses_on<B2: Backend>(
-    student: Tensor<B2, 2>,
-    teacher: Tensor<B2, 2>,
-    targets: Tensor<B2, 1, Int>,
-    counted: usize,
-    cfg: &KdLoss,
-    chunk_rows: usize,
-) -> (Tensor<B2, 1>, f32, f32) {
-    let sums = chunked_kd(chunk_rows, targets, cfg, |r| {
-        (student.clone().slice(r.clone()), teacher.clone().slice(r))
-    });
-    let (loss, kd, ce) = sums.means(counted, cfg);
-    (loss, kd.into_scalar().elem(), ce.into_scalar().elem())
+/// (loss, kd, ce) and the loss's gradient with respect to the student's logits, rows split
+/// into chunks of `chunk_rows`, through [`chunked_kd`] on training's backend.
+fn losses_and_grad(c: &Case, cfg: &KdLoss, chunk_rows: usize) -> (f32, f32, f32, Tensor<B, 2>) {
+    let targets = Tensor::<Ad, 1, Int>::from_inner(c.targets.clone());
+    let (grad, sums) = chunked_kd(
+        chunk_rows,
+        c.student.clone(),
+        targets,
+        cfg,
+        c.counted,
+        |x| x,
+        |r| Tensor::<Ad, 2>::from_inner(c.teacher.clone().slice(r)),
+    );
+    let (loss, kd, ce) = sums.means(c.counted, cfg);
+    let scalar = |t: Tensor<B, 1>| -> f32 { t.into_scalar().elem() };
+    (scalar(loss), scalar(kd), scalar(ce), grad)
 }
 
-/// (loss, kd, ce) on the inference backend (generic ops) and on training's (fused), which must
-/// agree within 1e-5; the first is returned.
+/// (loss, kd, ce) through the fused CPU kernels and through burn's generic ops, which must agree
+/// within 1e-5; the first is returned.
 fn losses(c: &Case, cfg: &KdLoss, chunk_rows: usize) -> (f32, f32, f32) {
-    let (loss, kd, ce) = losses_on(
-        c.student.clone(),
-        c.teacher.clone(),
-        c.targets.clone(),
-        c.counted,
-        cfg,
-        chunk_rows,
-    );
-    let (fl, fkd, fce) = losses_on(
-        Tensor::<Ad, 2>::from_inner(c.student.clone()).require_grad(),
-        Tensor::<Ad, 2>::from_inner(c.teacher.clone()),
-        Tensor::<Ad, 1, Int>::from_inner(c.targets.clone()),
-        c.counted,
-        cfg,
-        chunk_rows,
-    );
-    let loss: f32 = loss.into_scalar();
-    let fl: f32 = fl.into_scalar();
-    for (a, b) in [(loss, fl), (kd, fkd), (ce, fce)] {
-        assert!((a - b).abs() <= 1e-5, "{cfg:?}: generic {a} vs fused {b}");
+    let (loss, kd, ce, _) = losses_and_grad(c, cfg, chunk_rows);
+    let (gl, gkd, gce, _) = kernels::with_generic_ops(|| losses_and_grad(c, cfg, chunk_rows));
+    for (a, b) in [(loss, gl), (kd, gkd), (ce, gce)] {
+        assert!((a - b).abs() <= 1e-5, "{cfg:?}: fused {a} vs generic {b}");
     }
     (loss, kd, ce)
 }
@@ -177,12 +164,17 @@ fn alpha_mixes_kd_and_ce() {
     );
 }
 
-/// The gradient of the loss with respect to the student's logits: the fused node against burn's
-/// generic ops on the same autodiff backend.
+/// The gradient of the loss with respect to the student's logits, taken chunk by chunk inside
+/// [`chunked_kd`] (the fused CPU kernels), against one autodiff graph over all rows through
+/// burn's generic ops.
 #[test]
-fn fused_loss_gradient_matches_generic_ops() {
+fn chunked_loss_gradient_matches_one_graph_of_generic_ops() {
     let c = case();
-    for divergence in [Divergence::ForwardKl, Divergence::ReverseKl] {
+    for divergence in [
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+        Divergence::TopKForwardKl,
+    ] {
         for temperature in [1.0, 2.0] {
             let cfg = KdLoss {
                 divergence,
@@ -190,23 +182,18 @@ fn fused_loss_gradient_matches_generic_ops() {
                 alpha: 0.3,
                 top_k: 16,
             };
+            let chunked = losses_and_grad(&c, &cfg, 5).3;
             let student = Tensor::<Ad, 2>::from_inner(c.student.clone()).require_grad();
             let teacher = Tensor::<Ad, 2>::from_inner(c.teacher.clone());
             let targets = Tensor::<Ad, 1, Int>::from_inner(c.targets.clone());
-            let grad = |fused: bool| {
-                let sums = if fused {
-                    chunked_kd(5, targets.clone(), &cfg, |r| {
-                        (student.clone().slice(r.clone()), teacher.clone().slice(r))
-                    })
-                } else {
-                    chunk_sums(student.clone(), teacher.clone(), targets.clone(), &cfg)
-                };
-                let loss = sums.means(c.counted, &cfg).0;
+            let whole = kernels::with_generic_ops(|| {
+                let loss = chunk_sums(student.clone(), teacher, targets, &cfg)
+                    .means(c.counted, &cfg)
+                    .0;
                 student.grad(&loss.backward()).unwrap()
-            };
-            let (fused, generic) = (grad(true), grad(false));
-            let scale: f32 = generic.clone().abs().max().into_scalar();
-            let diff: f32 = (fused - generic).abs().max().into_scalar();
+            });
+            let scale: f32 = whole.clone().abs().max().into_scalar();
+            let diff: f32 = (chunked - whole).abs().max().into_scalar();
             assert!(scale > 1e-4, "a gradient to compare");
             assert!(
                 diff <= 1e-5 * scale,

@@ -20,6 +20,7 @@ mod mpi;
 mod packing;
 mod parity;
 mod prune;
+mod recompute;
 mod resume;
 mod teacher_cache;
 mod tokenizer;

@@ -4,11 +4,12 @@
 //! run is refused naming the field.
 
 use crate::common::*;
-use crate::train_kernels::{assert_same, kd, loss_and_grads_with, A};
+use crate::train_kernels::{assert_same, kd, loss_and_grads_with, settings, A};
 use laco_train::data::mixture::Mixture;
 use laco_train::hf::Tokenizer;
 use laco_train::train::config::DistillConfig;
-use laco_train::train::loss::{loss_step, loss_step_cached, Divergence};
+use laco_train::train::loss::Divergence;
+use laco_train::train::step::{micro_step, micro_step_cached};
 use laco_train::train::teacher_cache::{fingerprint, TeacherCache};
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -94,14 +95,32 @@ fn a_cached_step_equals_an_online_top_k_step_packed_or_not() {
         };
         let cfg_loss = kd(Divergence::TopKForwardKl);
         assert_eq!(cfg_loss, cfg.loss);
-        let online = loss_and_grads_with(first, |lm, rope, teacher, batch| {
-            loss_step(lm, rope, teacher, batch, &cfg_loss, batch.count).0
+        let online = loss_and_grads_with(first, 0.0, |lm, rope, teacher, batch| {
+            micro_step(
+                lm,
+                rope,
+                teacher,
+                batch,
+                &cfg_loss,
+                batch.count,
+                settings(false),
+            )
         });
-        let cached = loss_and_grads_with(first, |lm, rope, _, batch| {
+        let cached = loss_and_grads_with(first, 0.0, |lm, rope, _, batch| {
             let (ids, logprobs) = cache
                 .rows::<A>(&batch.keys, 16, &batch.ids.device())
                 .unwrap();
-            loss_step_cached(lm, rope, ids, logprobs, batch, &cfg_loss, batch.count).0
+            let count = batch.count;
+            micro_step_cached(
+                lm,
+                rope,
+                ids,
+                logprobs,
+                batch,
+                &cfg_loss,
+                count,
+                settings(false),
+            )
         });
         assert_same(&format!("packing {packing}"), cached, online, 1e-5);
     }

@@ -7,11 +7,12 @@
 use crate::common::*;
 use burn::backend::Autodiff;
 use burn::module::Module;
-use burn::tensor::{backend::AutodiffBackend, Tensor};
+use burn::tensor::backend::AutodiffBackend;
 use laco_train::data::batch::{Batch, Sequence, IGNORE};
 use laco_train::kernels;
 use laco_train::model::{adapter::load_adapter, CausalLm, Pretrained, Rope};
-use laco_train::train::loss::{loss_step, Divergence, KdLoss};
+use laco_train::train::loss::{Divergence, KdLoss};
+use laco_train::train::step::{micro_step, MicroStep, StepSettings};
 
 pub type A = Autodiff<B>;
 
@@ -40,22 +41,49 @@ pub fn kd(divergence: Divergence) -> KdLoss {
 }
 
 /// The loss and adapter gradients of the micro-batch `batch(device)` (teacher tiny-qwen3,
-/// student the same model with the PEFT fixture adapter); `step` runs the loss step (default:
-/// [`loss_step`] with the teacher).
+/// student the same model with the PEFT fixture adapter, its dropout set to `dropout`) on the
+/// CPU; `step` runs the micro-batch (default: [`micro_step`] with the teacher).
 pub fn loss_and_grads_with(
     batch: impl FnOnce(&burn::tensor::Device<A>) -> Batch<A>,
-    step: impl FnOnce(&CausalLm<A>, &Rope<A>, &Pretrained<B>, &Batch<A>) -> Tensor<A, 1>,
+    dropout: f64,
+    step: impl FnOnce(&CausalLm<A>, &Rope<A>, &Pretrained<B>, &Batch<A>) -> MicroStep<A>,
 ) -> (f32, AdapterGrads) {
-    let teacher = Pretrained::<B>::load(&fixture("tiny-qwen3"), &device()).unwrap();
-    let dev = device();
-    let student = Pretrained::<A>::load(&fixture("tiny-qwen3"), &dev).unwrap();
+    loss_and_grads_on::<A>(&device(), batch, dropout, step)
+}
+
+/// Held while a micro-batch runs: the backends' random generators are process-wide, and a step
+/// seeds them per layer for its dropout masks, so two steps on two test threads would draw from
+/// each other's seeds.
+static RANDOM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds the backends' random generators for this thread (see [`RANDOM`]).
+pub fn random_lock() -> std::sync::MutexGuard<'static, ()> {
+    RANDOM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`loss_and_grads_with`] on any autodiff backend.
+pub fn loss_and_grads_on<T: AutodiffBackend>(
+    dev: &T::Device,
+    batch: impl FnOnce(&T::Device) -> Batch<T>,
+    dropout: f64,
+    step: impl FnOnce(&CausalLm<T>, &Rope<T>, &Pretrained<T::InnerBackend>, &Batch<T>) -> MicroStep<T>,
+) -> (f32, AdapterGrads) {
+    let teacher = Pretrained::<T::InnerBackend>::load(&fixture("tiny-qwen3"), dev).unwrap();
+    let student = Pretrained::<T>::load(&fixture("tiny-qwen3"), dev).unwrap();
     let mut lm = student.lm.no_grad();
-    load_adapter(&mut lm, &fixture("tiny-qwen3-lora"), &dev).unwrap();
-    let batch = batch(&dev);
-    let loss = step(&lm, &student.rope, &teacher, &batch);
-    let grads = loss.clone().backward();
-    let grad = |t: Tensor<A, 2>| -> Vec<f32> {
-        t.grad(&grads)
+    load_adapter(&mut lm, &fixture("tiny-qwen3-lora"), dev).unwrap();
+    for (_, proj) in lm.projections_mut() {
+        if let Some(lora) = proj.lora.as_mut() {
+            lora.dropout = dropout;
+        }
+    }
+    let batch = batch(dev);
+    let random = random_lock();
+    let MicroStep { grads, sums } = step(&lm, &student.rope, &teacher, &batch);
+    drop(random);
+    let grad = |id| -> Vec<f32> {
+        grads
+            .get::<T::InnerBackend, 2>(id)
             .expect("adapter weights get gradients")
             .into_data()
             .convert::<f32>()
@@ -68,19 +96,36 @@ pub fn loss_and_grads_with(
         .filter_map(|(name, l)| {
             l.lora
                 .as_ref()
-                .map(|l| (name, grad(l.lora_a.val()), grad(l.lora_b.val())))
+                .map(|l| (name, grad(l.lora_a.id), grad(l.lora_b.id)))
         })
         .collect();
-    (loss.into_scalar_f32(), out)
+    let loss = sums.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0];
+    (loss, out)
 }
 
-/// [`loss_and_grads_with`] the teacher, for `divergence`.
+/// The settings of a micro-batch step: layers kept or recomputed, a fixed seed.
+pub fn settings(recompute: bool) -> StepSettings {
+    StepSettings {
+        recompute,
+        seed: 0x5EED,
+    }
+}
+
+/// [`loss_and_grads_with`] the teacher, for `divergence`, without dropout, layers kept.
 pub fn loss_and_grads_of(
     batch: impl FnOnce(&burn::tensor::Device<A>) -> Batch<A>,
     divergence: Divergence,
 ) -> (f32, AdapterGrads) {
-    loss_and_grads_with(batch, |lm, rope, teacher, batch| {
-        loss_step(lm, rope, teacher, batch, &kd(divergence), batch.count).0
+    loss_and_grads_with(batch, 0.0, |lm, rope, teacher, batch| {
+        micro_step(
+            lm,
+            rope,
+            teacher,
+            batch,
+            &kd(divergence),
+            batch.count,
+            settings(false),
+        )
     })
 }
 
@@ -115,16 +160,6 @@ pub fn assert_same(
                 "{what} {name}.{part}: max diff {diff} (max {scale})"
             );
         }
-    }
-}
-
-trait Scalar {
-    fn into_scalar_f32(self) -> f32;
-}
-
-impl<T: AutodiffBackend> Scalar for Tensor<T, 1> {
-    fn into_scalar_f32(self) -> f32 {
-        self.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0]
     }
 }
 

@@ -6,9 +6,13 @@
 
 use crate::common::*;
 use crate::parity::{distances_without_decoding as distances, in_own_process};
+use crate::recompute::{batches, step_on};
+use crate::train_kernels::assert_same;
 use burn::backend::wgpu::WgpuDevice;
+use burn::backend::Autodiff;
 use burn::tensor::{set_default_dtypes, FloatDType, IntDType};
 use laco_train::device::Wgpu;
+use laco_train::train::loss::Divergence;
 
 #[test]
 fn wgpu_f32_matches_the_goldens() {
@@ -21,6 +25,17 @@ fn wgpu_f32_matches_the_goldens() {
     );
     assert!(d.ppl <= 1e-4 && d.mmlu <= 1e-4, "{d:?}");
     assert!(d.kd <= 1e-4, "{d:?}");
+}
+
+#[test]
+fn recomputed_layers_on_wgpu_give_the_kept_gradients_with_dropout() {
+    let dev = WgpuDevice::DefaultDevice;
+    for (what, seqs, packed) in batches() {
+        let run = |recompute| {
+            step_on::<Autodiff<Wgpu>>(&dev, &seqs, packed, Divergence::ForwardKl, 0.1, recompute)
+        };
+        assert_same(&format!("wgpu, {what}"), run(true), run(false), 1e-5);
+    }
 }
 
 #[test]
@@ -104,6 +119,29 @@ fn distillation_steps_on_wgpu_follow_the_cpu_and_report_gpu_memory() {
     );
     assert!(now > 0.0 && peak >= now, "{gpu_json}");
     assert!(gpu_json["gpu_mem_reserved_peak_gb"].as_f64().unwrap() >= peak);
+}
+
+#[test]
+fn device_auto_does_not_pick_a_software_adapter() {
+    // llvmpipe is a wgpu adapter of type Cpu: slower than the CPU backend, so auto keeps the CPU.
+    let out = laco(&[
+        "eval",
+        "--task",
+        "ppl",
+        "--max-tokens",
+        "64",
+        "--text",
+        fixture("../../datasets/text_milton_areopagitica.txt")
+            .to_str()
+            .unwrap(),
+        "--json",
+    ]);
+    assert_eq!(json_line(&out)["device"], "cpu");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("device: cpu (--device auto: no CUDA device or hardware wgpu adapter found)"),
+        "{err}"
+    );
 }
 
 #[test]

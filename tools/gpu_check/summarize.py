@@ -74,11 +74,11 @@ def main():
                              "peak_rss_gb_measured": bench.get("peak_rss_gb")}
     figures["pytorch_peft"] = {"rc": torch.get("rc"), "wall_s": torch.get("wall_s"), **t,
                                "gpu_used_peak_gb_nvidia_smi": torch.get("gpu_used_peak_gb")}
-    ckpt = load(a.out, "bench-checkpointing")
-    if not ckpt.get("missing"):
-        figures["laco_train_checkpointing"] = {"rc": ckpt.get("rc"), "wall_s": ckpt.get("wall_s"),
-                                               **(ckpt.get("result") or {}),
-                                               "gpu_used_peak_gb_nvidia_smi": ckpt.get("gpu_used_peak_gb")}
+    kept = load(a.out, "bench-kept")
+    if not kept.get("missing"):
+        figures["laco_train_layers_kept"] = {"rc": kept.get("rc"), "wall_s": kept.get("wall_s"),
+                                             **(kept.get("result") or {}),
+                                             "gpu_used_peak_gb_nvidia_smi": kept.get("gpu_used_peak_gb")}
     mpi = load(a.out, "bench-mpi")
     if not mpi.get("missing"):
         m = mpi.get("result") or {}

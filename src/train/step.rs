@@ -1,0 +1,212 @@
+//! One micro-batch of a distillation step on burn's autodiff, on every backend: the teacher's
+//! forward pass (no graph), the student's, the loss fused with the lm_head
+//! ([`super::loss::chunked_kd`]: no `[rows, vocab]` logits kept), and the backward pass to the
+//! adapters' gradients.
+//!
+//! Two ways through the student's layers:
+//! - kept: one autodiff graph over the whole student, every layer's activations kept for the
+//!   backward pass (the CPU training kernels keep little: their attention and projections
+//!   recompute what they need);
+//! - recomputed (`optim.activation_checkpointing`, as PyTorch's and torchtune's activation
+//!   checkpointing): the forward pass runs without a graph and keeps only each layer's input
+//!   (`layers x tokens x hidden`); the backward pass goes from the last layer to the first,
+//!   running each layer's forward again under autodiff and taking its gradient at once, so one
+//!   layer's activations exist at a time. Dropout draws from a generator seeded per layer, so
+//!   the recomputed layer draws the masks of its first pass.
+//!
+//! The sums stay on the device: a step reads them once ([`super::recipe`]).
+
+use super::loss::{chunked_kd, teacher_top_k, Divergence, KdLoss, LossSums, TeacherRows};
+use super::parallel::layer_seed;
+use crate::data::batch::Batch;
+use crate::model::chunk::{predicting_rows, rows_per_chunk};
+use crate::model::{CausalLm, DecoderLayer, Pretrained, Rope, Rows};
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+use std::ops::Range;
+
+/// How a micro-batch runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    /// Recompute each layer's forward pass in the backward pass instead of keeping it.
+    pub recompute: bool,
+    /// The micro-batch's random seed (see [`super::parallel::micro_batch_seed`]); each layer's
+    /// dropout draws from its own seed derived from it.
+    pub seed: u64,
+}
+
+/// What a micro-batch gives its step.
+pub struct MicroStep<B: AutodiffBackend> {
+    /// The adapters' gradients of the loss divided by the step's count.
+    pub grads: GradientsParams,
+    /// `[3]`: (loss, kd, ce), each divided by the step's count, on the device.
+    pub sums: Tensor<B::InnerBackend, 1>,
+}
+
+/// The micro-batch's loss against its teacher model, and its gradients. With
+/// `top_k_forward_kl` the teacher's logits are reduced to their top-k first, as a teacher cache
+/// stores them.
+pub fn micro_step<B: AutodiffBackend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    teacher: &Pretrained<B::InnerBackend>,
+    batch: &Batch<B>,
+    loss: &KdLoss,
+    count: usize,
+    settings: StepSettings,
+) -> MicroStep<B> {
+    let t_padding = batch.padding.clone().map(|p| p.inner());
+    let t_hidden = super::loss::counted_hidden(
+        &teacher.lm,
+        &teacher.rope,
+        batch.ids.clone().inner(),
+        t_padding.as_ref(),
+        batch.segments.as_ref(),
+        batch.rows.clone().inner(),
+    );
+    student_step(lm, rope, batch, loss, count, settings, |r| {
+        let logits = teacher.lm.logits_2d(t_hidden.clone().slice(r));
+        if loss.divergence == Divergence::TopKForwardKl {
+            let (ids, logprobs) = teacher_top_k(logits, loss.top_k);
+            TeacherRows::TopK {
+                ids: Tensor::from_inner(ids),
+                logprobs: Tensor::from_inner(logprobs),
+            }
+        } else {
+            TeacherRows::Logits(Tensor::from_inner(logits))
+        }
+    })
+}
+
+/// [`micro_step`] without the teacher: its top-k `ids` and `logprobs` (`[count, k]`, the
+/// batch's counted rows in order) come from a teacher cache.
+pub fn micro_step_cached<B: AutodiffBackend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    ids: Tensor<B, 2, Int>,
+    logprobs: Tensor<B, 2>,
+    batch: &Batch<B>,
+    loss: &KdLoss,
+    count: usize,
+    settings: StepSettings,
+) -> MicroStep<B> {
+    student_step(lm, rope, batch, loss, count, settings, |r| {
+        TeacherRows::TopK {
+            ids: ids.clone().slice(r.clone()),
+            logprobs: logprobs.clone().slice(r),
+        }
+    })
+}
+
+/// The student's forward pass, the fused loss against `teacher(rows)`, the backward pass.
+fn student_step<B: AutodiffBackend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    batch: &Batch<B>,
+    loss: &KdLoss,
+    count: usize,
+    settings: StepSettings,
+    teacher: impl FnMut(Range<usize>) -> TeacherRows<B>,
+) -> MicroStep<B> {
+    let rows = match &batch.segments {
+        Some(s) => Rows::Packed(s),
+        None => Rows::Padded(batch.padding.as_ref()),
+    };
+    let (x, pass) = lm.begin(batch.ids.clone(), rope, rows);
+    let device = x.device();
+    let layers = &lm.model.layers;
+    let seeded = |l: usize| B::seed(&device, layer_seed(settings.seed, l));
+    // 1. The layers' forward pass: under autodiff (kept), or without a graph, keeping each
+    //    layer's input (recomputed).
+    let mut inputs = Vec::new();
+    let mut x = x;
+    for (l, layer) in layers.iter().enumerate() {
+        seeded(l);
+        x = if settings.recompute {
+            inputs.push(x.clone());
+            layer.clone().no_grad().run(x, rope, &pass)
+        } else {
+            layer.run(x, rope, &pass)
+        };
+    }
+    // 2. The final norm, the counted rows, and the loss with its gradient with respect to
+    //    them; a recomputed pass starts the graph at the last layer's output.
+    let last = match settings.recompute {
+        true => Tensor::from_inner(x.inner()).require_grad(),
+        false => x,
+    };
+    let hidden = predicting_rows(lm.model.norm.forward(last.clone())).select(0, batch.rows.clone());
+    let chunk = rows_per_chunk(lm.model.embed_tokens.dims()[0]);
+    let (grad, sums) = chunked_kd(
+        chunk,
+        hidden.clone().inner(),
+        batch.targets.clone(),
+        loss,
+        count,
+        |h| lm.logits_2d(h),
+        teacher,
+    );
+    let sums = sums_tensor(sums, count, loss);
+    // 3. Backward: `sum(hidden x grad)` has the loss's gradient with respect to everything
+    //    before `hidden`.
+    let mut grads = surrogate(hidden, grad).backward();
+    if !settings.recompute {
+        return MicroStep {
+            grads: GradientsParams::from_grads(grads, lm),
+            sums,
+        };
+    }
+    // 4. Recomputed: from the last layer to the first, each layer's forward pass again and its
+    //    gradients, handing the gradient of its input to the layer before.
+    let mut out = GradientsParams::new();
+    let mut upstream = last
+        .grad(&grads)
+        .expect("the last layer's output takes a gradient");
+    for (l, (layer, input)) in layers.iter().zip(inputs).enumerate().rev() {
+        seeded(l);
+        let input = Tensor::<B, 3>::from_inner(input.inner()).require_grad();
+        let output = layer.run(input.clone(), rope, &pass);
+        grads = surrogate(output, upstream).backward();
+        collect(layer, &mut grads, &mut out);
+        upstream = match l {
+            0 => break,
+            _ => input
+                .grad(&grads)
+                .expect("a layer's input takes a gradient"),
+        };
+    }
+    MicroStep { grads: out, sums }
+}
+
+/// `sum(x * grad)`: its gradient with respect to `x` is `grad`.
+fn surrogate<B: AutodiffBackend, const D: usize>(
+    x: Tensor<B, D>,
+    grad: Tensor<B::InnerBackend, D>,
+) -> Tensor<B, 1> {
+    let grad = Tensor::<B, D>::from_inner(grad).cast(x.dtype());
+    (x * grad).sum()
+}
+
+/// Moves the gradients of `layer`'s adapters from `grads` into `out`.
+fn collect<B: AutodiffBackend>(
+    layer: &DecoderLayer<B>,
+    grads: &mut B::Gradients,
+    out: &mut GradientsParams,
+) {
+    for (_, proj) in layer.projections() {
+        let Some(lora) = &proj.lora else { continue };
+        for p in [&lora.lora_a, &lora.lora_b] {
+            if let Some(g) = p.val().grad_remove(grads) {
+                out.register(p.id, g);
+            }
+        }
+    }
+}
+
+/// `[3]`: (loss, kd, ce) as means over `count` rows.
+fn sums_tensor<B: Backend>(sums: LossSums<B>, count: usize, cfg: &KdLoss) -> Tensor<B, 1> {
+    let (loss, kd, ce) = sums.means(count, cfg);
+    Tensor::cat(vec![loss, kd, ce], 0)
+}
