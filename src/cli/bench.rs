@@ -85,7 +85,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         common: args.common.clone(),
     };
     let mut job = job(distill)?;
-    job.prepare(false)?;
+    let _lock = job.prepare(false)?;
     let o = &mut job.cfg.output;
     (o.eval_every, o.mmlu_limit, o.eval_tokens) = (0, 0, 256);
     if let Some(p) = args.packing {

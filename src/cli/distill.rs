@@ -65,7 +65,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     let (device, dtype, json) = (args.common.device, args.common.dtype, args.common.json);
     let force = args.force;
     let job = job(args)?;
-    job.prepare(force)?;
+    let _lock = job.prepare(force)?;
     match dispatch(device, dtype, job)? {
         Outcome::Finished(summary) => {
             if json {

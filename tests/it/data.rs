@@ -24,7 +24,8 @@ fn alpaca_prompts_reproduce_the_datasets_own_text_column() {
         true
     })
     .unwrap();
-    assert_eq!(format, Format::Alpaca);
+    assert_eq!(format.format, Format::Alpaca);
+    assert_eq!((format.read, format.skipped), (1587, 0));
     assert_eq!(rows.len(), 1587);
     // The reference text column, read independently.
     let file = std::fs::File::open(&path).unwrap();
@@ -60,7 +61,7 @@ fn openorca_is_system_prompt_and_question_then_response() {
         false
     })
     .unwrap();
-    assert_eq!(format, Format::OpenOrca);
+    assert_eq!(format.format, Format::OpenOrca);
     let ex = first.unwrap();
     assert!(
         ex.prompt
@@ -145,7 +146,8 @@ fn bad_files_name_the_file_and_column() {
             n += 1;
             true
         })
-        .unwrap(),
+        .unwrap()
+        .format,
         Format::Text
     );
     assert_eq!(n, 1);
