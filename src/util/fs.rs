@@ -311,7 +311,35 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{write_dir_atomically, write_file_atomically};
+    use super::{remove_dead_temporaries, write_dir_atomically, write_file_atomically};
+
+    #[test]
+    fn only_temporaries_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let alive = std::process::id();
+        let names = [
+            format!(".step-0000001.tmp-{dead}"),
+            format!(".step-0000002.tmp-{alive}"),
+            format!(".step-0000003.old-{dead}"),
+            format!(".other.tmp-{dead}"),
+            "step-0000001".to_string(),
+        ];
+        for n in &names {
+            std::fs::create_dir(dir.path().join(n)).unwrap();
+        }
+        remove_dead_temporaries(dir.path(), |n| n.starts_with("step-")).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        let mut want = vec![names[1].clone(), names[3].clone(), names[4].clone()];
+        want.sort();
+        assert_eq!(left, want);
+    }
 
     #[test]
     fn a_failed_write_leaves_neither_out_nor_its_temporary_directory() {
