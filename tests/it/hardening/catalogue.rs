@@ -85,10 +85,10 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
     );
     // PEFT adapters whose config sets a field laco-train refuses (each named), and one whose
     // rank_pattern was dropped, so that its tensors no longer have the rank the config gives.
-    let peft = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| -> String {
+    let peft = |name: &str, from: &str, edit: &dyn Fn(&mut serde_json::Value)| -> String {
         let dir = t.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let src = fixture("tiny-qwen3-lora");
+        let src = fixture(from);
         std::fs::copy(
             src.join("adapter_model.safetensors"),
             dir.join("adapter_model.safetensors"),
@@ -102,27 +102,17 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
         std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
         s(&dir)
     };
-    let dora = peft("dora", &|c| c["use_dora"] = true.into());
-    let saved = peft("saved", &|c| {
+    let lora = "tiny-qwen3-lora";
+    let dora = peft("dora", lora, &|c| c["use_dora"] = true.into());
+    let saved = peft("saved", lora, &|c| {
         c["modules_to_save"] = serde_json::json!(["lm_head"])
     });
-    let bias = peft("bias", &|c| c["bias"] = "all".into());
-    let pissa = peft("pissa", &|c| c["init_lora_weights"] = "pissa".into());
-    let unknown = peft("unknown", &|c| c["use_hyper_lora"] = true.into());
-    let no_pattern = t.join("no-pattern");
-    std::fs::create_dir_all(&no_pattern).unwrap();
-    let patterns = fixture("peft-patterns/patterns");
-    std::fs::copy(
-        patterns.join("adapter_model.safetensors"),
-        no_pattern.join("adapter_model.safetensors"),
-    )
-    .unwrap();
-    let mut c: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(patterns.join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
-    c["rank_pattern"] = serde_json::json!({});
-    std::fs::write(no_pattern.join("adapter_config.json"), c.to_string()).unwrap();
+    let bias = peft("bias", lora, &|c| c["bias"] = "all".into());
+    let pissa = peft("pissa", lora, &|c| c["init_lora_weights"] = "pissa".into());
+    let unknown = peft("unknown", lora, &|c| c["use_hyper_lora"] = true.into());
+    let no_pattern = peft("no-pattern", "peft-patterns/patterns", &|c| {
+        c["rank_pattern"] = serde_json::json!({})
+    });
     let generate = |adapter: &str| -> Vec<String> {
         [
             "generate",
@@ -534,7 +524,7 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
             vec!["adapter_config.json", "use_hyper_lora"],
         ),
         (
-            generate(&s(&no_pattern)),
+            generate(&no_pattern),
             vec![
                 "rank 4",
                 "rank_pattern",

@@ -37,6 +37,18 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// configs/tiny.toml without MMLU and with a short held-out evaluation, written to `dir`.
+fn short_config(dir: &Path) -> PathBuf {
+    tiny_config(
+        dir,
+        "c.toml",
+        &[
+            ("mmlu_limit = 1", "mmlu_limit = 0"),
+            ("eval_tokens = 4096", "eval_tokens = 256"),
+        ],
+    )
+}
+
 /// Runs the binary with `args` where the lock files go, `dir` as working directory.
 fn run_in(dir: &Path, args: &[&str]) -> Output {
     laco_command().args(args).current_dir(dir).output().unwrap()
@@ -46,14 +58,7 @@ fn run_in(dir: &Path, args: &[&str]) -> Output {
 fn a_second_run_on_a_locked_run_dir_is_refused_and_a_dead_holders_lock_taken_over() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let cfg = tiny_config(
-        t,
-        "c.toml",
-        &[
-            ("mmlu_limit = 1", "mmlu_limit = 0"),
-            ("eval_tokens = 4096", "eval_tokens = 256"),
-        ],
-    );
+    let cfg = short_config(t);
     let run = t.join("run");
     let args = |steps: &'static str| {
         vec![
@@ -172,14 +177,7 @@ fn force_onto_a_file_or_a_symbolic_link_is_refused_before_anything_moves() {
             "--force".into(),
         ]
     };
-    let cfg = tiny_config(
-        t,
-        "c.toml",
-        &[
-            ("mmlu_limit = 1", "mmlu_limit = 0"),
-            ("eval_tokens = 4096", "eval_tokens = 256"),
-        ],
-    );
+    let cfg = short_config(t);
     let distill = |out: &Path| {
         vec![
             "distill".to_string(),
@@ -309,38 +307,23 @@ fn values_that_overflow_the_storage_dtype_are_refused_naming_the_tensor() {
     assert!(!cache.join("shard-00000.safetensors").exists());
 }
 
-/// An Alpaca Parquet file of `rows` (instruction, input, output; None is null).
+/// An Alpaca Parquet file of `rows` (instruction, output; `None` is null; input empty).
 fn alpaca(path: &Path, rows: &[(&str, Option<&str>)]) {
-    use arrow_array::{ArrayRef, RecordBatch, StringArray};
-    use std::sync::Arc;
-    let instruction: Vec<Option<&str>> = rows.iter().map(|r| Some(r.0)).collect();
-    let input: Vec<Option<&str>> = rows.iter().map(|_| Some("")).collect();
-    let output: Vec<Option<&str>> = rows.iter().map(|r| r.1).collect();
-    let col = |v: Vec<Option<&str>>| Arc::new(StringArray::from(v)) as ArrayRef;
-    let batch = RecordBatch::try_from_iter([
-        ("instruction", col(instruction)),
-        ("input", col(input)),
-        ("output", col(output)),
-    ])
-    .unwrap();
-    let file = std::fs::File::create(path).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    write_parquet(
+        path,
+        &[
+            ("instruction", rows.iter().map(|r| Some(r.0)).collect()),
+            ("input", rows.iter().map(|_| Some("")).collect()),
+            ("output", rows.iter().map(|r| r.1).collect()),
+        ],
+    );
 }
 
 #[test]
 fn rows_with_empty_cells_are_skipped_and_counted_and_a_file_of_none_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let cfg = tiny_config(
-        t,
-        "c.toml",
-        &[
-            ("mmlu_limit = 1", "mmlu_limit = 0"),
-            ("eval_tokens = 4096", "eval_tokens = 256"),
-        ],
-    );
+    let cfg = short_config(t);
     let empty = t.join("empty.parquet");
     alpaca(
         &empty,
