@@ -9,7 +9,8 @@ use crate::hf::ModelConfig;
 use crate::model::adapter::{load_adapter, merge_adapters};
 use crate::model::source::resolve;
 use crate::model::Pretrained;
-use crate::util::{refuse_existing, refuse_overlap, write_dir_atomically};
+use crate::util::fs::check_output_dir;
+use crate::util::{lock_output, refuse_existing, refuse_overlap, write_dir_atomically};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use safetensors::Dtype;
@@ -76,7 +77,8 @@ pub struct Exported {
 }
 
 /// Merges `adapter` into `model` and writes the result to `out` (replaced if it exists) in
-/// `dtype` (default: the model's storage dtype).
+/// `dtype` (default: the model's storage dtype). `out` is locked from before the model loads
+/// until it is written (another process writing it is refused).
 pub fn export_into<B: Backend>(
     model: &Path,
     adapter: &Path,
@@ -85,6 +87,8 @@ pub fn export_into<B: Backend>(
     device: &B::Device,
 ) -> Result<Exported> {
     let started = std::time::Instant::now();
+    let _lock = lock_output(out, "--out")?;
+    check_output_dir(out, "--out", true)?;
     let mut pre = Pretrained::<B>::load(model, device)?;
     load_adapter(&mut pre.lm, adapter, device)?;
     let merged = merge_adapters(&mut pre.lm);

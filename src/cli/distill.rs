@@ -104,7 +104,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         ..args.job.overrides()
     };
     let job = DistillJob::new(args.job.setup.config.as_deref(), &overrides)?;
-    job.prepare(args.force)?;
+    let _lock = job.prepare(args.force)?;
     match dispatch(device, dtype, job)? {
         Outcome::Finished(summary) => {
             if json {

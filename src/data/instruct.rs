@@ -51,7 +51,34 @@ pub fn detect(columns: &[String], path: &Path) -> Result<Format> {
     }
 }
 
+/// What reading a file found: its layout, the rows read, and those skipped because a cell
+/// they need is null or blank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rows {
+    pub format: Format,
+    pub read: usize,
+    pub skipped: usize,
+}
+
+impl Rows {
+    /// The cells whose emptiness skips a row, as a phrase (`instruction or output`).
+    pub fn required(&self) -> String {
+        self.format.required().join(" or ")
+    }
+}
+
 impl Format {
+    /// The cells a row needs (not null, not blank) to be an example: what the student learns
+    /// (output, response, text) and the request it answers (instruction, question); a row
+    /// lacking one is skipped. input and system_prompt may be empty.
+    fn required(self) -> &'static [&'static str] {
+        match self {
+            Format::Alpaca => &["instruction", "output"],
+            Format::OpenOrca => &["question", "response"],
+            Format::Text => &["text"],
+        }
+    }
+
     fn example(self, get: &impl Fn(&str) -> Result<String>) -> Result<Example> {
         match self {
             Format::Alpaca => {
@@ -111,20 +138,35 @@ pub fn templates() -> String {
         };
         let ex = format.example(&get).expect("placeholders always format");
         out.push_str(&format!(
-            "{format:?}: {:?} -> {:?}\n",
-            ex.prompt, ex.response
+            "{format:?}: {:?} -> {:?}, rows without {:?} skipped\n",
+            ex.prompt,
+            ex.response,
+            format.required()
         ));
     }
     out
 }
 
-/// Reads `path` row group by row group, calling `each` per example until it returns false.
-pub fn read_examples(path: &Path, mut each: impl FnMut(Example) -> bool) -> Result<Format> {
+/// Reads `path` row group by row group, calling `each` per example until it returns false;
+/// rows with a null or blank required cell (see [`Format::required`]) are skipped and counted.
+pub fn read_examples(path: &Path, mut each: impl FnMut(Example) -> bool) -> Result<Rows> {
     let rows = ParquetRows::open(path)?;
     let format = detect(rows.columns(), path)?;
+    let (mut read, mut skipped) = (0, 0);
     rows.for_each(|row| {
         let get = |c: &str| row.string(c);
+        read += 1;
+        for c in format.required() {
+            if get(c)?.trim().is_empty() {
+                skipped += 1;
+                return Ok(true);
+            }
+        }
         Ok(each(format.example(&get)?))
     })?;
-    Ok(format)
+    Ok(Rows {
+        format,
+        read,
+        skipped,
+    })
 }

@@ -134,7 +134,7 @@ impl Mixture {
         for path in &d.files {
             let mut seqs = Vec::new();
             let mut error = None;
-            read_examples(path, |ex| {
+            let rows = read_examples(path, |ex| {
                 match tokenize(&ex, tok, eos, d.max_seq_len) {
                     Ok(Some(s)) => seqs.push(s),
                     Ok(None) => {}
@@ -144,6 +144,22 @@ impl Mixture {
             })?;
             if let Some(e) = error {
                 return Err(e);
+            }
+            let p = path.display();
+            if rows.skipped == rows.read {
+                bail!(
+                    "{p}: every row read ({}) has a null or empty {}: nothing to train on",
+                    rows.read,
+                    rows.required()
+                );
+            }
+            if rows.skipped > 0 && crate::dist::world().is_root() {
+                eprintln!(
+                    "{p}: skipped {} of {} rows with a null or empty {}",
+                    rows.skipped,
+                    rows.read,
+                    rows.required()
+                );
             }
             if seqs.is_empty() {
                 bail!(

@@ -5,7 +5,7 @@
 //! tensors pulled from the device one at a time while the file is written, in a storage dtype.
 
 use anyhow::{anyhow, bail, Context, Result};
-use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, ElementConversion, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::{tensor::Metadata, Dtype, SafeTensors, View};
 use std::borrow::Cow;
@@ -257,12 +257,8 @@ impl Shard {
         // that at worst yields wrong numbers, never unsoundness in our own data structures.
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("{}: cannot memory-map", path.display()))?;
-        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-            anyhow!(
-                "{}: not a valid safetensors file ({e:?}); truncated or another format?",
-                path.display()
-            )
-        })?;
+        let (header_len, meta) =
+            SafeTensors::read_metadata(&map).map_err(|e| invalid_safetensors(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             map,
@@ -270,6 +266,15 @@ impl Shard {
             meta,
         })
     }
+}
+
+/// The error for a file `path` that safetensors cannot read: what was expected and the likely
+/// cause.
+pub fn invalid_safetensors(path: &Path, e: safetensors::SafeTensorError) -> anyhow::Error {
+    anyhow!(
+        "{}: not a valid safetensors file ({e:?}); truncated (an interrupted write or copy?) or another format?",
+        path.display()
+    )
 }
 
 /// One named weight, still on the device.
@@ -285,6 +290,50 @@ impl<B: Backend> Weight<B> {
             Self::Matrix(t) => t.dims().to_vec(),
         }
     }
+
+    /// The largest magnitude held.
+    fn largest(&self) -> f32 {
+        let max = match self {
+            Self::Vector(t) => t.clone().abs().max(),
+            Self::Matrix(t) => t.clone().abs().max(),
+        };
+        max.into_scalar().elem()
+    }
+}
+
+/// Fails, naming `what`, when `largest` (the largest magnitude of a tensor) is finite but
+/// overflows `dtype`: stored, it would become an infinity.
+pub fn check_fits(what: &str, largest: f32, dtype: Dtype) -> Result<()> {
+    let (stored, max, wider) = match dtype {
+        Dtype::F16 => (
+            half::f16::from_f32(largest).to_f32(),
+            half::f16::MAX.to_f32(),
+            "bf16 or f32",
+        ),
+        Dtype::BF16 => (
+            half::bf16::from_f32(largest).to_f32(),
+            half::bf16::MAX.to_f32(),
+            "f32",
+        ),
+        _ => return Ok(()),
+    };
+    if largest.is_finite() && !stored.is_finite() {
+        bail!(
+            "{what}: its largest value {largest:e} overflows {dtype:?} (largest finite {max:e}) and would be stored as infinity; nothing is written (store it as {wider})"
+        );
+    }
+    Ok(())
+}
+
+/// [`check_fits`] for every weight, before anything is written.
+fn check_all_fit<B: Backend>(weights: &[(String, Weight<B>)], dtype: Dtype) -> Result<()> {
+    if !matches!(dtype, Dtype::F16 | Dtype::BF16) {
+        return Ok(());
+    }
+    for (name, w) in weights {
+        check_fits(&format!("tensor {name}"), w.largest(), dtype)?;
+    }
+    Ok(())
 }
 
 /// Storage dtype of the written safetensors.
@@ -319,8 +368,18 @@ impl<B: Backend> View for LazyWeight<'_, B> {
     }
 }
 
-/// Writes `weights` to one safetensors file in `dtype`.
+/// Writes `weights` to one safetensors file in `dtype`; refuses, writing nothing, weights that
+/// overflow it (see [`check_fits`]).
 pub fn write_safetensors<B: Backend>(
+    weights: &[(String, Weight<B>)],
+    dtype: Dtype,
+    path: &Path,
+) -> Result<()> {
+    check_all_fit(weights, dtype)?;
+    write_file(weights, dtype, path)
+}
+
+fn write_file<B: Backend>(
     weights: &[(String, Weight<B>)],
     dtype: Dtype,
     path: &Path,
@@ -350,13 +409,15 @@ pub fn write_safetensors<B: Backend>(
 
 /// Writes `weights` into `dir` as Hugging Face does: `model.safetensors` when `shards` is 1,
 /// else that many files of about equal size, `model-0000i-of-0000n.safetensors`, named by
-/// `model.safetensors.index.json`.
+/// `model.safetensors.index.json`. Weights that overflow `dtype` are refused before any file
+/// is written (see [`check_fits`]).
 pub fn write_sharded<B: Backend>(
     weights: &[(String, Weight<B>)],
     dtype: Dtype,
     shards: usize,
     dir: &Path,
 ) -> Result<()> {
+    check_all_fit(weights, dtype)?;
     let bytes: Vec<usize> = weights
         .iter()
         .map(|(_, w)| w.shape().iter().product::<usize>() * dtype.bitsize() / 8)
@@ -373,7 +434,7 @@ pub fn write_sharded<B: Backend>(
         for (name, _) in &weights[range.clone()] {
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
         }
-        write_safetensors(&weights[range.clone()], dtype, &dir.join(&file))?;
+        write_file(&weights[range.clone()], dtype, &dir.join(&file))?;
     }
     if groups.len() > 1 {
         let index =

@@ -6,7 +6,7 @@ use super::lora::Lora;
 use super::{attention, mlp, CausalLm};
 use crate::hf::peft::{self, AdapterFiles, LoraConfig, Part};
 use crate::hf::weights::{write_safetensors, Weight};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
@@ -21,15 +21,24 @@ pub fn load_adapter<B: Backend>(
 ) -> Result<LoraConfig> {
     let files = AdapterFiles::open(dir)?;
     let (cfg, ck) = (&files.config, &files.weights);
-    let scaling = cfg.scaling();
     for (name, linear) in lm.projections_mut() {
-        let short = name.rsplit('.').next().unwrap_or_default();
-        if !files.targets.iter().any(|t| t == short) {
+        if !cfg.adapts(&name) {
             continue;
         }
+        let (r, scaling) = cfg.module(&name);
         let [out, inp] = linear.weight.dims();
-        let a = ck.tensor(&peft::key(&name, Part::A), [cfg.r, inp], device)?;
-        let b = ck.tensor(&peft::key(&name, Part::B), [out, cfg.r], device)?;
+        let rank = || {
+            format!(
+                "{}: the adapter on {name} has rank {r} (r, or the rank_pattern key matching it)",
+                dir.join(peft::ADAPTER_CONFIG).display()
+            )
+        };
+        let a = ck
+            .tensor(&peft::key(&name, Part::A), [r, inp], device)
+            .with_context(rank)?;
+        let b = ck
+            .tensor(&peft::key(&name, Part::B), [out, r], device)
+            .with_context(rank)?;
         linear.lora = Some(Lora {
             lora_a: Param::from_tensor(a),
             lora_b: Param::from_tensor(b),

@@ -8,8 +8,10 @@ use crate::hf::model_dir::save_pretrained;
 use crate::hf::ModelConfig;
 use crate::model::Pretrained;
 use crate::util::check::first_difference;
-use crate::util::fs::absolute;
-use crate::util::{progress_bar, refuse_existing, refuse_overlap, write_dir_atomically};
+use crate::util::fs::{absolute, check_output_dir};
+use crate::util::{
+    lock_output, progress_bar, refuse_existing, refuse_overlap, write_dir_atomically,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
@@ -77,7 +79,8 @@ impl Job for PruneJob {
 }
 
 /// Prunes `model` into `out` (replaced if it exists) and returns the report also written as
-/// `out/laco_report.json`. The directory appears whole or not at all.
+/// `out/laco_report.json`. The directory appears whole or not at all; `out` is locked from
+/// before the model loads until it is written (another process writing it is refused).
 pub fn prune_into<B: Backend>(
     model: &Path,
     out: &Path,
@@ -87,6 +90,8 @@ pub fn prune_into<B: Backend>(
     device: &B::Device,
 ) -> Result<serde_json::Value> {
     let started = std::time::Instant::now();
+    let _lock = lock_output(out, "--out")?;
+    check_output_dir(out, "--out", true)?;
     let pre = Pretrained::<B>::load(model, device)?;
     let n = pre.lm.num_layers();
     let c = settings.calibration_tokens;

@@ -86,7 +86,7 @@ impl Bench {
             ..overrides
         };
         let job = DistillJob::new(config, &overrides)?;
-        job.prepare(false)?;
+        let _lock = job.prepare(false)?;
         let cfg = &job.cfg;
         let (packing, divergence) = (cfg.data.packing, cfg.loss.divergence);
         let teacher_cache = cfg.teacher.cache.clone();

@@ -16,6 +16,7 @@ use crate::hf::weights::{write_safetensors, Weight, WeightReader};
 use crate::model::adapter::{save_adapter, LoraSettings};
 use crate::model::CausalLm;
 use crate::util::check::first_difference;
+use crate::util::fs::remove_dead_temporaries;
 use crate::util::{write_dir_atomically, write_file_atomically};
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::{Param, ParamId};
@@ -96,7 +97,7 @@ pub fn save<B: AutodiffBackend>(
     })
     .with_context(|| format!("{}: cannot write the checkpoint", target.display()))?;
     write_file_atomically(&dir.join(LATEST), format!("{name}\n").as_bytes())?;
-    remove_old(&dir, keep.max(1), &name);
+    remove_old(&dir, keep.max(1), &name)?;
     Ok(target)
 }
 
@@ -121,19 +122,19 @@ fn adapter_params<B: AutodiffBackend>(lm: &CausalLm<B>) -> Vec<(String, ParamId,
         .collect()
 }
 
-/// Removes all but the newest `keep` step directories (never `current`), and stray temporary
-/// directories of interrupted writes.
-fn remove_old(dir: &Path, keep: usize, current: &str) {
+/// Removes all but the newest `keep` step directories (never `current`), and the temporary
+/// directories that interrupted writes by processes no longer running left (never those of a
+/// writer still at work).
+fn remove_old(dir: &Path, keep: usize, current: &str) -> Result<()> {
+    remove_dead_temporaries(dir, |name| name.starts_with("step-"))?;
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return Ok(());
     };
     let mut steps: Vec<String> = Vec::new();
     for e in entries.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with("step-") {
             steps.push(name);
-        } else if name.starts_with(".step-") && e.path().is_dir() {
-            let _ = std::fs::remove_dir_all(e.path());
         }
     }
     steps.sort();
@@ -143,6 +144,7 @@ fn remove_old(dir: &Path, keep: usize, current: &str) {
             let _ = std::fs::remove_dir_all(dir.join(name));
         }
     }
+    Ok(())
 }
 
 /// The checkpoint `--resume` continues from: `explicit`, or the one `latest` names in RUN_DIR.
@@ -198,8 +200,12 @@ pub fn load_matching(
     let path = dir.join(STATE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
-    let state: State =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let state: State = serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "{}: not a checkpoint state ({e}); damaged, or written by another version? resume from another checkpoint",
+            path.display()
+        )
+    })?;
     let mut fingerprint = fingerprint.clone();
     if state.world_size != world_size {
         same_global_batch(dir, &state, &fingerprint, world_size)?;

@@ -15,8 +15,10 @@ use crate::device::{current_gpu, Job};
 use crate::hf::{hub, ModelConfig};
 use crate::kernels;
 use crate::prune::{calibration_lines, check_pruned, prune_into, CALIBRATION_BATCH};
-use crate::util::fs::absolute;
-use crate::util::{refuse_overlap, remove_leftovers, start_over, write_file_atomically};
+use crate::util::fs::{absolute, check_output_dir};
+use crate::util::{
+    lock_output, refuse_overlap, remove_leftovers, start_over, write_file_atomically, OutputLock,
+};
 use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor};
@@ -182,21 +184,25 @@ impl DistillJob {
         }
     }
 
-    /// Checks RUN_DIR before any model loads: it must not be or contain a model the run reads;
-    /// a run already in it is continued only with `resume` and replaced only with `force`
-    /// (atomically, keeping a pruned student that matches this run's base and `[laco]`
-    /// settings). Temporary directories of killed runs beside it are removed. Under a launcher
-    /// rank 0 does it while the others wait.
-    pub fn prepare(&self, force: bool) -> Result<()> {
+    /// Locks RUN_DIR and checks it before any model loads: it must not be or contain a model
+    /// the run reads; a run already in it is continued only with `resume` and replaced only
+    /// with `force` (atomically, keeping a pruned student that matches this run's base and
+    /// `[laco]` settings). Temporary directories of killed runs beside it are removed. Under a
+    /// launcher rank 0 does it (and holds the lock) while the others wait. The run must keep
+    /// the returned lock until it ends: another process given this RUN_DIR meanwhile is
+    /// refused, naming this one's pid.
+    pub fn prepare(&self, force: bool) -> Result<Option<OutputLock>> {
         let world = crate::dist::world();
-        if world.is_root() {
-            self.prepare_run_dir(force)?;
-        }
+        let lock = if world.is_root() {
+            Some(self.prepare_run_dir(force)?)
+        } else {
+            None
+        };
         world.wait_for_all();
-        Ok(())
+        Ok(lock)
     }
 
-    fn prepare_run_dir(&self, force: bool) -> Result<()> {
+    fn prepare_run_dir(&self, force: bool) -> Result<OutputLock> {
         let mut sources = vec![
             ("base model", self.cfg.model.base.as_path()),
             ("teacher", self.teacher.as_path()),
@@ -205,13 +211,17 @@ impl DistillJob {
             sources.push(("student", s));
         }
         refuse_overlap("the run directory", &self.run_dir, &sources)?;
+        let what = "the run directory";
+        let lock = lock_output(&self.run_dir, what)?;
+        check_output_dir(&self.run_dir, what, false)?;
         remove_leftovers(&self.run_dir)?;
         let Some(existing) = existing_run(&self.run_dir) else {
-            return Ok(());
+            return Ok(lock);
         };
         if self.resume.is_some() {
-            return Ok(());
+            return Ok(lock);
         }
+        check_output_dir(&self.run_dir, what, force)?;
         if !force {
             bail!(
                 "{}: already holds a run ({existing}); continue it with --resume, or replace it with --force",
@@ -224,7 +234,7 @@ impl DistillJob {
         let keep: &[&str] = if reusable { &[STUDENT] } else { &[] };
         start_over(&self.run_dir, keep)?;
         eprintln!("replaced the run in {} (--force)", self.run_dir.display());
-        Ok(())
+        Ok(lock)
     }
 }
 

@@ -38,29 +38,56 @@ pub fn at_least(place: &str, v: usize, min: usize) -> Result<()> {
     Ok(())
 }
 
-/// Parses TOML `text` from `origin`; an error names the line and the key
+/// Parses TOML `text` from `origin`; an error names the line and the key, found from where the
+/// value lies in the document, also inside multi-line arrays and inline tables
 /// (`configs/x.toml: line 7, optim.lr: invalid type: string "fast", expected f64`).
 pub fn parse_toml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
     toml::from_str(text).map_err(|e| {
         let Some(span) = e.span() else {
-            return anyhow!("{origin}: {}", e.message());
+            return anyhow!("{origin}: {}", e.message().trim());
         };
         let line_no = text[..span.start].matches('\n').count() + 1;
-        let line = text.lines().nth(line_no - 1).unwrap_or_default();
-        let key = line.split('=').next().unwrap_or_default().trim();
-        let table = text[..span.start]
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| l.starts_with('[') && l.ends_with(']'))
-            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
-        let at = match (table, key.is_empty() || key.starts_with('[')) {
-            (Some(t), false) => format!(", {t}.{key}"),
-            (None, false) => format!(", {key}"),
-            _ => String::new(),
-        };
+        let at = key_at(text, span.start).map_or(String::new(), |k| format!(", {k}"));
         anyhow!("{origin}: line {line_no}{at}: {}", e.message().trim())
     })
+}
+
+/// The dotted key (`optim.lr`, `data.weights[1]`) of the key or value at byte `at` of the TOML
+/// document `text`; `None` when it does not parse or `at` is outside every key and value.
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    find_key(doc.get_ref(), at, "")
+}
+
+fn find_key(table: &toml::de::DeTable, at: usize, path: &str) -> Option<String> {
+    use toml::de::DeValue;
+    for (key, value) in table {
+        let p = match path {
+            "" => key.get_ref().to_string(),
+            _ => format!("{path}.{}", key.get_ref()),
+        };
+        if key.span().contains(&at) {
+            return Some(p);
+        }
+        let inner = match value.get_ref() {
+            DeValue::Table(t) => find_key(t, at, &p),
+            DeValue::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                let p = format!("{p}[{i}]");
+                match item.get_ref() {
+                    DeValue::Table(t) => find_key(t, at, &p),
+                    _ => item.span().contains(&at).then_some(p),
+                }
+            }),
+            _ => None,
+        };
+        if inner.is_some() {
+            return inner;
+        }
+        if value.span().contains(&at) {
+            return Some(p);
+        }
+    }
+    None
 }
 
 /// The first setting (as a dotted path) whose value differs between two JSON records of
@@ -149,6 +176,27 @@ mod tests {
             "{msg}"
         );
         assert_eq!(msg.lines().count(), 1);
+        // The key of a value on a line of its own, and inside an inline table.
+        #[derive(Debug, serde::Deserialize)]
+        struct Data {
+            data: DataTable,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        struct DataTable {
+            weights: Vec<f64>,
+            mix: Option<Optim>,
+        }
+        let ok: Data =
+            parse_toml("[data]\nweights = [1.0]\nmix = { lr = 3.0 }\n", "y.toml").unwrap();
+        assert_eq!((ok.data.weights, ok.data.mix.unwrap().lr), (vec![1.0], 3.0));
+        let e = parse_toml::<Data>("[data]\nweights = [\n  0.5,\n  \"x\",\n]\n", "y.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("y.toml: line 4, data.weights[1]: "), "{e}");
+        let e = parse_toml::<Data>("[data]\nweights = []\nmix = { lr = true }\n", "y.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("y.toml: line 3, data.mix.lr: "), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 /// mix). On any error the temporary directory is removed and `out` is left as it was.
 /// Temporary directories that killed runs left beside `out` are removed first.
 pub fn write_dir_atomically<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    check_output_dir(out, "the output", true)?;
     remove_leftovers(out)?;
     let tmp = temporary_sibling(out, "tmp");
     let write = || -> Result<T> {
@@ -92,21 +93,31 @@ pub fn remove_leftovers(out: &Path) -> Result<()> {
     } else {
         parent
     };
-    let Ok(entries) = std::fs::read_dir(parent) else {
+    let name = name.to_string_lossy();
+    remove_dead_temporaries(parent, |n| n == name)
+}
+
+/// Removes the temporary entries `.{name}.tmp-{pid}` and `.{name}.old-{pid}` in `dir` whose
+/// `name` satisfies `owner` and whose writer (`pid`) is no longer running, saying so on stderr;
+/// those of running processes, this one included, are left alone.
+pub fn remove_dead_temporaries(dir: &Path, owner: impl Fn(&str) -> bool) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(());
     };
-    let prefix = format!(".{}.", name.to_string_lossy());
     for entry in entries.filter_map(|e| e.ok()) {
         let file = entry.file_name().to_string_lossy().to_string();
-        let Some(rest) = file.strip_prefix(&prefix) else {
+        let Some((name, kind)) = file
+            .strip_prefix('.')
+            .and_then(|rest| rest.rsplit_once('.'))
+        else {
             continue;
         };
-        let pid = rest
+        let pid = kind
             .strip_prefix("tmp-")
-            .or_else(|| rest.strip_prefix("old-"))
+            .or_else(|| kind.strip_prefix("old-"))
             .and_then(|p| p.parse::<u32>().ok());
         let Some(pid) = pid else { continue };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        if !owner(name) || process_running(pid) {
             continue;
         }
         let path = entry.path();
@@ -123,11 +134,17 @@ pub fn remove_leftovers(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether the process `pid` is running (this one always is).
+fn process_running(pid: u32) -> bool {
+    pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Empties the directory `dir` in one atomic step, keeping the entries named in `keep` (hard
 /// links, or copies where the file system has none): a fresh directory is prepared beside it and
 /// exchanged with it, then the old one is removed. A kill at any moment leaves either the old
 /// directory or the new one.
 pub fn start_over(dir: &Path, keep: &[&str]) -> Result<()> {
+    check_output_dir(dir, "the output", true)?;
     remove_leftovers(dir)?;
     let tmp = temporary_sibling(dir, "tmp");
     let prepare = || -> Result<()> {
@@ -196,6 +213,30 @@ pub fn refuse_overlap(what: &str, out: &Path, sources: &[(&str, &Path)]) -> Resu
                 source.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// Refuses an output path `out` (named `what`: `--out`, `the run directory`) that exists and
+/// is not a directory: a file, or a symbolic link when the command `replaces` the directory
+/// (the exchange would replace the link, not what it points to) or when it points to no
+/// directory. Called before anything moves, so nothing is changed.
+pub fn check_output_dir(out: &Path, what: &str, replaces: bool) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(out) else {
+        return Ok(());
+    };
+    let o = out.display();
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(out).unwrap_or_default();
+        let t = target.display();
+        if replaces {
+            bail!("{what} {o}: is a symbolic link (to {t}); it would be replaced, not the directory it points to: give that directory itself, or another path");
+        }
+        if !out.is_dir() {
+            bail!("{what} {o}: is a symbolic link to {t}, which is not a directory; give a directory, or another path");
+        }
+    } else if !meta.is_dir() {
+        bail!("{what} {o}: is a file, not a directory; remove it or give another path");
     }
     Ok(())
 }
@@ -297,7 +338,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{absolute, write_dir_atomically, write_file_atomically};
+    use super::{absolute, remove_dead_temporaries, write_dir_atomically, write_file_atomically};
 
     #[test]
     fn absolute_paths_are_canonical_whether_or_not_they_exist() {
@@ -312,6 +353,34 @@ mod tests {
         assert_eq!(absolute(&linked).unwrap(), root.join("configs/y"));
         std::fs::create_dir_all(root.join("runs/tiny")).unwrap();
         assert_eq!(absolute(&spelled).unwrap(), root.join("runs/tiny/student"));
+    }
+
+    #[test]
+    fn only_temporaries_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let alive = std::process::id();
+        let names = [
+            format!(".step-0000001.tmp-{dead}"),
+            format!(".step-0000002.tmp-{alive}"),
+            format!(".step-0000003.old-{dead}"),
+            format!(".other.tmp-{dead}"),
+            "step-0000001".to_string(),
+        ];
+        for n in &names {
+            std::fs::create_dir(dir.path().join(n)).unwrap();
+        }
+        remove_dead_temporaries(dir.path(), |n| n.starts_with("step-")).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        let mut want = vec![names[1].clone(), names[3].clone(), names[4].clone()];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]

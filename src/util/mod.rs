@@ -1,13 +1,16 @@
 //! Small helpers below everything else: writing files and directories whole or not at all
-//! ([`fs`]), checking numbers and TOML where they are parsed ([`check`]), progress bars.
+//! ([`fs`]), one writer per output directory ([`lock`]), checking numbers and TOML where they
+//! are parsed ([`check`]), progress bars.
 
 pub mod check;
 pub mod fs;
+pub mod lock;
 
 pub use fs::{
     refuse_existing, refuse_overlap, remove_leftovers, start_over, write_dir_atomically,
     write_file_atomically,
 };
+pub use lock::{lock_output, OutputLock};
 
 /// A progress bar on stderr with a message slot, hidden when stderr is not a terminal.
 pub fn progress_bar(label: &str) -> indicatif::ProgressBar {

@@ -141,3 +141,17 @@ pub fn edited_model(
     safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
     dir
 }
+
+/// Writes a Parquet file of string columns (`None`: null), one row per element.
+pub fn write_parquet(path: &std::path::Path, columns: &[(&str, Vec<Option<&str>>)]) {
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let arrays = columns
+        .iter()
+        .map(|(name, v)| (*name, Arc::new(StringArray::from(v.clone())) as ArrayRef));
+    let batch = RecordBatch::try_from_iter(arrays).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}

@@ -1,7 +1,7 @@
 //! Instruction data: layouts detected from column names, the Stanford Alpaca templates, labels,
 //! and clear errors for files that are not what they claim.
 
-use crate::common::fixture;
+use crate::common::{fixture, write_parquet};
 use arrow_array::Array;
 use laco_train::data::batch::{tokenize, IGNORE};
 use laco_train::data::instruct::{read_examples, Example, Format};
@@ -24,7 +24,8 @@ fn alpaca_prompts_reproduce_the_datasets_own_text_column() {
         true
     })
     .unwrap();
-    assert_eq!(format, Format::Alpaca);
+    assert_eq!(format.format, Format::Alpaca);
+    assert_eq!((format.read, format.skipped), (1587, 0));
     assert_eq!(rows.len(), 1587);
     // The reference text column, read independently.
     let file = std::fs::File::open(&path).unwrap();
@@ -60,7 +61,7 @@ fn openorca_is_system_prompt_and_question_then_response() {
         false
     })
     .unwrap();
-    assert_eq!(format, Format::OpenOrca);
+    assert_eq!(format.format, Format::OpenOrca);
     let ex = first.unwrap();
     assert!(
         ex.prompt
@@ -95,19 +96,11 @@ fn prompt_tokens_are_not_trained_and_eos_is_appended() {
     assert!(tokenize(&ex, &tok, 0, p).unwrap().is_none());
 }
 
-/// A Parquet file with one string column per name.
+/// A Parquet file with one string column per name, of one row "x".
 fn parquet_with(path: &Path, columns: &[&str]) {
-    use arrow_array::{ArrayRef, RecordBatch, StringArray};
-    use std::sync::Arc;
-    let arrays: Vec<(&str, ArrayRef)> = columns
-        .iter()
-        .map(|c| (*c, Arc::new(StringArray::from(vec!["x"])) as ArrayRef))
-        .collect();
-    let batch = RecordBatch::try_from_iter(arrays).unwrap();
-    let file = std::fs::File::create(path).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    let columns: Vec<(&str, Vec<Option<&str>>)> =
+        columns.iter().map(|c| (*c, vec![Some("x")])).collect();
+    write_parquet(path, &columns);
 }
 
 #[test]
@@ -145,7 +138,8 @@ fn bad_files_name_the_file_and_column() {
             n += 1;
             true
         })
-        .unwrap(),
+        .unwrap()
+        .format,
         Format::Text
     );
     assert_eq!(n, 1);

@@ -70,3 +70,39 @@ fn adapter_flag_applies_on_eval_and_mismatched_adapters_are_refused() {
         "{err}"
     );
 }
+
+/// Adapters PEFT made with rank_pattern, alpha_pattern, use_rslora, a regular-expression
+/// target_modules, exclude_modules, layers_to_transform (tools/make_peft_goldens.py) give PEFT's
+/// logits, and an adapter laco-train wrote gives the logits PEFT computes with it.
+#[test]
+fn every_honoured_lora_config_field_gives_peft_logits() {
+    let g = Golden::open("golden/peft_patterns.safetensors");
+    let pre = Pretrained::<B>::load(&fixture("tiny-qwen3"), &device()).unwrap();
+    let plain = to_vec(pre.lm.forward(g.ids("input_ids"), &pre.rope, None, None));
+    for (name, adapted) in [
+        ("patterns", 56),
+        ("rslora", 15),
+        ("layers", 47),
+        ("layers_subset", 9),
+        ("written", 56),
+    ] {
+        let mut pre = Pretrained::<B>::load(&fixture("tiny-qwen3"), &device()).unwrap();
+        let dir = fixture(&format!("peft-patterns/{name}"));
+        load_adapter(&mut pre.lm, &dir, &device()).unwrap();
+        let n = pre
+            .lm
+            .projections()
+            .iter()
+            .filter(|(_, l)| l.lora.is_some())
+            .count();
+        assert_eq!(n, adapted, "{name}: modules adapted");
+        let logits = to_vec(pre.lm.forward(g.ids("input_ids"), &pre.rope, None, None));
+        let want = g.f32(&format!("logits_{name}")).0;
+        let d = max_abs_diff(&logits, &want);
+        assert!(d <= 1e-4, "{name}: max abs diff {d} from PEFT's logits");
+        assert!(
+            max_abs_diff(&want, &plain) > 1e-2,
+            "{name} changes the logits"
+        );
+    }
+}

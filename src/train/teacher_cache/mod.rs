@@ -32,7 +32,8 @@ use crate::device::Job;
 use crate::hf::ModelConfig;
 use crate::model::chunk::{row_chunks, rows_per_chunk};
 use crate::model::{CausalLm, Pretrained, Rope};
-use crate::util::progress_bar;
+use crate::util::fs::check_output_dir;
+use crate::util::{lock_output, progress_bar};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use std::io::Read;
@@ -117,7 +118,10 @@ impl Job for CacheJob {
     type Output = CacheSummary;
 
     fn run<B: Backend>(mut self, device: B::Device) -> Result<CacheSummary> {
-        // Before any model loads: never write into a directory that holds something else.
+        // One writer at a time, from before any model loads to the last shard.
+        let _lock = lock_output(&self.out, "--out")?;
+        check_output_dir(&self.out, "--out", false)?;
+        // Never write into a directory that holds something else.
         let foreign = std::fs::read_dir(&self.out).is_ok_and(|mut d| d.next().is_some());
         if foreign && !self.out.join(INDEX).exists() {
             bail!(

@@ -1,6 +1,7 @@
 //! The teacher cache on disk: `index.json` and its safetensors shards, written shard by shard
 //! and read back by sequence id.
 
+use crate::hf::weights::{check_fits, invalid_safetensors};
 use crate::train::loss::{Divergence, KdLoss};
 use crate::util::check::first_difference;
 use crate::util::write_file_atomically;
@@ -211,6 +212,14 @@ impl Writer {
         let bytes = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let (seq, off) = (bytes(&self.sequences), bytes(&self.offsets));
         let ids: Vec<u8> = self.ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let largest = self
+            .logprobs
+            .iter()
+            .map(|v| v.abs())
+            .filter(|v| v.is_finite())
+            .fold(0.0, f32::max);
+        let what = format!("{}: logprobs", self.dir.join(&file).display());
+        check_fits(&what, largest, self.index.dtype.safetensors())?;
         let lps = self.index.dtype.encode(&self.logprobs);
         fn view(dtype: Dtype, shape: Vec<usize>, data: &[u8]) -> TensorView<'_> {
             TensorView::new(dtype, shape, data).expect("shapes match the buffers")
@@ -281,8 +290,12 @@ fn read_index(dir: &Path) -> Result<Index> {
             dir.display()
         )
     })?;
-    let index: Index =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let index: Index = serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "{}: not a teacher cache index ({e}); damaged or written by something else? make the cache again with `laco-train teacher-cache`",
+            path.display()
+        )
+    })?;
     if index.format != FORMAT || index.version != VERSION {
         bail!(
             "{}: not a version-{VERSION} laco-train teacher cache",
@@ -316,7 +329,12 @@ impl Shard {
         let file = std::fs::File::open(path).map_err(|_| bad("missing (listed in index.json)"))?;
         // SAFETY: shards are written whole and renamed into place, never changed after.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(&e.to_string()))?;
-        let st = SafeTensors::deserialize(&map).map_err(|e| bad(&format!("{e:?}")))?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| {
+            anyhow!(
+                "{}; make the cache again with `laco-train teacher-cache`",
+                invalid_safetensors(path, e)
+            )
+        })?;
         let range = |name: &str, dtype: Dtype| -> Result<(std::ops::Range<usize>, Vec<usize>)> {
             let t = st
                 .tensor(name)

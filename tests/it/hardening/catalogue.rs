@@ -78,6 +78,55 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
         "[laco]\nmerge_layers = 3\nthreshold = \"high\"\n",
     )
     .unwrap();
+    let weights_lines = cfg(
+        "weights-lines.toml",
+        "weights = [0.5, 0.5]",
+        "weights = [\n  0.5,\n  \"half\",\n]",
+    );
+    // PEFT adapters whose config sets a field laco-train refuses (each named), and one whose
+    // rank_pattern was dropped, so that its tensors no longer have the rank the config gives.
+    let peft = |name: &str, from: &str, edit: &dyn Fn(&mut serde_json::Value)| -> String {
+        let dir = t.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = fixture(from);
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            dir.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut c: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(src.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        edit(&mut c);
+        std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+        s(&dir)
+    };
+    let lora = "tiny-qwen3-lora";
+    let dora = peft("dora", lora, &|c| c["use_dora"] = true.into());
+    let saved = peft("saved", lora, &|c| {
+        c["modules_to_save"] = serde_json::json!(["lm_head"])
+    });
+    let bias = peft("bias", lora, &|c| c["bias"] = "all".into());
+    let pissa = peft("pissa", lora, &|c| c["init_lora_weights"] = "pissa".into());
+    let unknown = peft("unknown", lora, &|c| c["use_hyper_lora"] = true.into());
+    let no_pattern = peft("no-pattern", "peft-patterns/patterns", &|c| {
+        c["rank_pattern"] = serde_json::json!({})
+    });
+    let generate = |adapter: &str| -> Vec<String> {
+        [
+            "generate",
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "1",
+            "--adapter",
+            adapter,
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect()
+    };
     let hf_home = t.join("hf-home");
     std::fs::create_dir_all(&hf_home).unwrap();
     let samples = t.join("missing-dir").join("samples.jsonl");
@@ -448,6 +497,39 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
                 "f64".into(),
             ],
             vec!["--save-dtype", "f64"],
+        ),
+        (
+            vec![
+                "distill".into(),
+                "--config".into(),
+                weights_lines,
+                "--out".into(),
+                s(&t.join("d13")),
+            ],
+            vec!["weights-lines.toml", "line 20", "data.weights[1]"],
+        ),
+        // PEFT fields refused, each named; a rank that does not fit names r and rank_pattern
+        (generate(&dora), vec!["adapter_config.json", "use_dora"]),
+        (
+            generate(&saved),
+            vec!["adapter_config.json", "modules_to_save"],
+        ),
+        (generate(&bias), vec!["adapter_config.json", "bias"]),
+        (
+            generate(&pissa),
+            vec!["adapter_config.json", "init_lora_weights"],
+        ),
+        (
+            generate(&unknown),
+            vec!["adapter_config.json", "use_hyper_lora"],
+        ),
+        (
+            generate(&no_pattern),
+            vec![
+                "rank 4",
+                "rank_pattern",
+                "has shape [8, 128], expected [4, 128]",
+            ],
         ),
         // teacher-cache: k beyond the vocabulary, refused before the teacher loads
         (

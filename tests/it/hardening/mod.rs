@@ -4,6 +4,7 @@
 //! datasets by Hugging Face id from a cache laid out as huggingface_hub does.
 
 mod catalogue;
+mod refusals;
 
 use crate::common::*;
 use std::collections::BTreeMap;
