@@ -165,7 +165,7 @@ impl Writer {
             }
             if (old.top_k, old.dtype) != (top_k, dtype) {
                 bail!(
-                    "{}: holds a cache with --top-k {} --dtype {:?}, not --top-k {} --dtype {:?}; use another --out or remove it",
+                    "{}: holds a cache with --top-k {} --save-dtype {:?}, not --top-k {} --save-dtype {:?}; use another --out or remove it",
                     dir.display(), old.top_k, old.dtype, top_k, dtype
                 );
             }

@@ -244,14 +244,14 @@ fn values_that_overflow_the_storage_dtype_are_refused_naming_the_tensor() {
                 s(&adapter),
                 "--out",
                 "merged",
-                "--dtype",
+                "--save-dtype",
                 dtype,
             ],
         )
     };
     let out = export("f16");
     assert_clean_failure(
-        "export --dtype f16",
+        "export --save-dtype f16",
         &out,
         &[
             "tensor model.layers.3.post_attention_layernorm.weight",
@@ -289,7 +289,7 @@ fn values_that_overflow_the_storage_dtype_are_refused_naming_the_tensor() {
             "teacher-cache",
             "--teacher",
             s(wide.path()),
-            "--dtype",
+            "--save-dtype",
             "f16",
             "--top-k",
             "8",
@@ -300,7 +300,7 @@ fn values_that_overflow_the_storage_dtype_are_refused_naming_the_tensor() {
         ],
     );
     assert_clean_failure(
-        "teacher-cache --dtype f16",
+        "teacher-cache --save-dtype f16",
         &out,
         &["shard-00000.safetensors", "logprobs", "overflows F16"],
     );
