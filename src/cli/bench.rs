@@ -83,6 +83,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         student: args.student.clone(),
         out: Some(out),
         max_steps: Some(args.steps),
+        max_time: None,
         data: args.data.clone(),
         resume: None,
         save_every: Some(0),

@@ -5,7 +5,7 @@ use super::{at_least_one, print_json, Common};
 use crate::device::dispatch;
 use crate::hf::{hub, ModelConfig};
 use crate::train::checkpoint::{fingerprint, load_matching, locate};
-use crate::train::config::DistillConfig;
+use crate::train::config::{DistillConfig, MaxTime};
 use crate::train::job::{DistillJob, STUDENT};
 use crate::train::recipe::Outcome;
 use crate::util::fs::absolute;
@@ -38,9 +38,14 @@ pub struct DistillArgs {
     /// Run directory (overrides output.run_dir).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Optimiser steps (overrides optim.max_steps).
+    /// Optimiser steps (overrides optim.max_steps and optim.max_time).
     #[arg(long, value_parser = at_least_one())]
     pub max_steps: Option<usize>,
+    /// A time budget (`90s`, `15m`, `1.5h`; overrides optim.max_time and max_steps): the run
+    /// times its first steps and fixes max_steps to those that fit, the final evaluation and
+    /// adapter included.
+    #[arg(long, value_name = "DURATION", conflicts_with = "max_steps")]
+    pub max_time: Option<MaxTime>,
     /// Parquet files or Hugging Face dataset ids in the local cache (override data.files, with
     /// equal weights).
     #[arg(long, num_args = 1..)]
@@ -92,6 +97,10 @@ pub(super) fn job(args: DistillArgs) -> Result<DistillJob> {
     let mut cfg = DistillConfig::load(args.config.as_deref())?;
     if let Some(n) = args.max_steps {
         cfg.optim.max_steps = n;
+        cfg.optim.max_time = None;
+    }
+    if let Some(t) = args.max_time {
+        cfg.optim.max_time = Some(t);
     }
     let origin = args
         .config

@@ -70,6 +70,7 @@ pub fn run(args: TeacherCacheArgs) -> Result<()> {
         student: None,
         out: None,
         max_steps: args.max_steps,
+        max_time: None,
         data: args.data.clone(),
         resume: None,
         save_every: None,

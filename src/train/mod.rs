@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
+pub mod hidden;
 pub mod job;
 pub mod loss;
 pub mod memory;

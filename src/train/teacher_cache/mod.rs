@@ -24,8 +24,9 @@
 //! field is named.
 
 use super::config::DistillConfig;
+use super::hidden::HiddenTerm;
 use super::loss::{batch_hidden, teacher_top_k, KdLoss};
-use super::step::{micro_step, micro_step_cached, MicroStep, StepSettings};
+use super::step::{micro_step_cached, micro_step_hidden, MicroStep, StepSettings};
 use crate::data::batch::{Batch, IGNORE};
 use crate::data::instruct::templates;
 use crate::data::mixture::Mixture;
@@ -243,20 +244,23 @@ pub enum Teacher<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Teacher<B> {
-    /// [`micro_step`] or [`micro_step_cached`] of one micro-batch.
+    /// [`micro_step_hidden`] or [`micro_step_cached`] of one micro-batch; the hidden term
+    /// needs the model (the config refuses it with a cache).
+    #[allow(clippy::too_many_arguments)]
     pub fn micro_step(
         &self,
         lm: &CausalLm<B>,
         rope: &Rope<B>,
         batch: &Batch<B>,
         loss: &KdLoss,
+        hidden: Option<&HiddenTerm>,
         count: usize,
         settings: StepSettings,
     ) -> Result<MicroStep<B>> {
         match self {
-            Teacher::Model(teacher) => {
-                Ok(micro_step(lm, rope, teacher, batch, loss, count, settings))
-            }
+            Teacher::Model(teacher) => Ok(micro_step_hidden(
+                lm, rope, teacher, batch, loss, hidden, count, settings,
+            )),
             Teacher::Cache(cache) => {
                 let device = batch.ids.device();
                 let (ids, logprobs) = cache.rows::<B>(&batch.keys, loss.top_k, &device)?;
