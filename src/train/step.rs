@@ -198,11 +198,11 @@ fn student_step<B: AutodiffBackend>(
         |h| lm.logits_2d(h),
         teacher,
     );
-    let hidden_mean = match &targets {
-        Some((term, _)) => hidden_sum.mul_scalar(term.mean_factor(count)),
-        None => hidden_sum,
+    let (hidden_mean, weight) = match &targets {
+        Some((term, _)) => (hidden_sum.mul_scalar(term.mean_factor(count)), term.weight),
+        None => (hidden_sum, 0.0),
     };
-    let sums = sums_tensor(sums, count, loss, hidden_mean);
+    let sums = sums_tensor(sums, count, loss, hidden_mean, weight);
     // 3. Backward: `sum(hidden x grad)` has the loss's gradient with respect to everything
     //    before `hidden`.
     let total = hidden_surrogates
@@ -266,15 +266,16 @@ fn collect<B: AutodiffBackend>(
 }
 
 /// `[4]`: (loss, kd, ce, hidden) as means over `count` rows, from the KD and CE sums and the
-/// hidden term's mean distance (`[1]`); loss adds the hidden term's weighted share.
+/// hidden term's mean distance (`[1]`); loss adds the hidden term times its `weight`.
 fn sums_tensor<B: Backend>(
     sums: LossSums<B>,
     count: usize,
     cfg: &KdLoss,
     hidden: Tensor<B, 1>,
+    weight: f64,
 ) -> Tensor<B, 1> {
     let (loss, kd, ce) = sums.means(count, cfg);
-    let loss = loss + hidden.clone().mul_scalar(cfg.hidden_weight);
+    let loss = loss + hidden.clone().mul_scalar(weight);
     Tensor::cat(vec![loss, kd, ce, hidden], 0)
 }
 
