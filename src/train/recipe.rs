@@ -459,10 +459,12 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         }
         self.world.sum(&mut steps);
         let steps = steps[0] as usize;
-        self.bar.println(format!(
-            "time budget {:.0}s: {step_secs:.2}s a step, evaluation {eval_secs:.1}s: max_steps {steps}",
-            budget.as_secs_f64()
-        ));
+        self.bar.suspend(|| {
+            eprintln!(
+                "time budget {:.0}s: {step_secs:.2}s a step, evaluation {eval_secs:.1}s: max_steps {steps}",
+                budget.as_secs_f64()
+            )
+        });
         self.cfg.optim.max_steps = steps;
         self.fixed_steps = Some(steps);
         self.budget = None;
