@@ -14,6 +14,10 @@
 //!   layer's activations exist at a time. Dropout draws from a generator seeded per layer, so
 //!   the recomputed layer draws the masks of its first pass.
 //!
+//! The hidden-state term ([`super::hidden`]) fits both: its gradient with respect to each chosen
+//! layer's output is taken in the forward pass, then joins the kept graph's backward pass as one
+//! more surrogate, or the recomputed backward pass as part of that layer's upstream gradient.
+//!
 //! The sums stay on the device: a step reads them once ([`super::recipe`]).
 
 use super::hidden::{layer_term, HiddenTerm};
@@ -127,7 +131,7 @@ type HiddenTargets<'a, B> = (
 );
 
 /// The student's forward pass, the fused loss against `teacher(rows)` (and the hidden term
-/// against `hidden`'s targets), the backward pass.
+/// against the teacher's states in `targets`), the backward pass.
 #[allow(clippy::too_many_arguments)]
 fn student_step<B: AutodiffBackend>(
     lm: &CausalLm<B>,

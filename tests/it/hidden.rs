@@ -4,11 +4,11 @@
 //! on the CPU kernels and on burn's generic ops.
 
 use crate::common::*;
-use crate::recompute::batches;
+use crate::recompute::{batch, batches};
 use crate::train_kernels::{assert_same, kd, loss_and_grads_with, settings, AdapterGrads, A};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
-use laco_train::data::batch::{Batch, Sequence};
+use laco_train::data::batch::Sequence;
 use laco_train::kernels;
 use laco_train::model::chunk::predicting_rows;
 use laco_train::model::Rows;
@@ -24,14 +24,6 @@ fn term(distance: HiddenDistance) -> HiddenTerm {
         pairs: vec![(1, 3), (4, 4), (7, 7)],
         weight: 5.0,
         distance,
-    }
-}
-
-fn batch(seqs: &[Sequence], packed: bool, dev: &burn::tensor::Device<A>) -> Batch<A> {
-    let [a, b, c, d] = [&seqs[0], &seqs[1], &seqs[2], &seqs[3]];
-    match packed {
-        true => Batch::packed(&[vec![a, c], vec![b, d]], 0, dev),
-        false => Batch::new(&[a, b, c, d], 0, dev),
     }
 }
 
