@@ -46,7 +46,7 @@ edits() {
   case $1 in
     logits) ;;
     hidden-1-all-mse) printf 'loss.hidden_weight=1.0\nloss.hidden_distance="mse"\n' ;;
-    hidden-*-*) w=${1#hidden-}; printf 'loss.hidden_weight=%s\nloss.hidden_layers="%s"\n' "${w%-*}" "${w#*-}" ;;
+    hidden-*-all|hidden-*-merged|hidden-*-last) w=${1#hidden-}; printf 'loss.hidden_weight=%s\nloss.hidden_layers="%s"\n' "${w%-*}" "${w#*-}" ;;
     topk-online) printf 'loss.divergence="top_k_forward_kl"\nloss.top_k=64\n' ;;
     lr-*) printf 'optim.lr=%s\n' "${1#lr-}" ;;
     r-*) printf 'lora.r=%s\nlora.alpha=%s.0\n' "${1#r-}" "$((2 * ${1#r-}))" ;;
