@@ -156,7 +156,7 @@ fn student_step<B: AutodiffBackend>(
     //    and its gradient with respect to the layer's output: joined to the backward pass as
     //    one more surrogate (kept), or added to the layer's upstream gradient (recomputed).
     let mut inputs = Vec::new();
-    let mut hidden_sum = Tensor::<B::InnerBackend, 1>::zeros([1], &device);
+    let mut hidden_sum: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut hidden_grads: Vec<Option<Tensor<B::InnerBackend, 3>>> = vec![None; layers.len()];
     let mut hidden_surrogates = Vec::new();
     let mut x = x;
@@ -179,7 +179,7 @@ fn student_step<B: AutodiffBackend>(
             term.scale(count),
             term.distance,
         );
-        hidden_sum = hidden_sum + sum;
+        hidden_sum = Some(hidden_sum.map_or(sum.clone(), |s| s + sum));
         match settings.recompute {
             true => hidden_grads[l] = Some(grad),
             false => hidden_surrogates.push(surrogate(x.clone(), grad)),
@@ -202,11 +202,13 @@ fn student_step<B: AutodiffBackend>(
         |h| lm.logits_2d(h),
         teacher,
     );
-    let (hidden_mean, weight) = match &targets {
-        Some((term, _)) => (hidden_sum.mul_scalar(term.mean_factor(count)), term.weight),
-        None => (hidden_sum, 0.0),
+    let hidden_mean = match (&targets, hidden_sum) {
+        (Some((term, _)), Some(sum)) => {
+            Some((sum.mul_scalar(term.mean_factor(count)), term.weight))
+        }
+        _ => None,
     };
-    let sums = sums_tensor(sums, count, loss, hidden_mean, weight);
+    let sums = sums_tensor(sums, count, loss, hidden_mean);
     // 3. Backward: `sum(hidden x grad)` has the loss's gradient with respect to everything
     //    before `hidden`.
     let total = hidden_surrogates
@@ -270,16 +272,21 @@ fn collect<B: AutodiffBackend>(
 }
 
 /// `[4]`: (loss, kd, ce, hidden) as means over `count` rows, from the KD and CE sums and the
-/// hidden term's mean distance (`[1]`); loss adds the hidden term times its `weight`.
+/// hidden term's mean distance (`[1]`) and weight; loss adds the term's weighted share.
 fn sums_tensor<B: Backend>(
     sums: LossSums<B>,
     count: usize,
     cfg: &KdLoss,
-    hidden: Tensor<B, 1>,
-    weight: f64,
+    hidden: Option<(Tensor<B, 1>, f64)>,
 ) -> Tensor<B, 1> {
     let (loss, kd, ce) = sums.means(count, cfg);
-    let loss = loss + hidden.clone().mul_scalar(weight);
+    let (loss, hidden) = match hidden {
+        Some((h, weight)) => {
+            let h = h.cast(loss.dtype());
+            (loss + h.clone().mul_scalar(weight), h)
+        }
+        None => (loss.clone(), loss.zeros_like()),
+    };
     Tensor::cat(vec![loss, kd, ce, hidden], 0)
 }
 
