@@ -3,6 +3,7 @@
 
 use super::{at_least_one, print_json, Common};
 use crate::device::dispatch;
+use crate::train::config::MaxTime;
 use crate::train::job::{DistillJob, Overrides};
 use crate::train::recipe::Outcome;
 use anyhow::Result;
@@ -25,9 +26,14 @@ pub struct DistillArgs {
     /// Run directory (overrides output.run_dir).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Optimiser steps (overrides optim.max_steps).
+    /// Optimiser steps (overrides optim.max_steps and optim.max_time).
     #[arg(long, value_parser = at_least_one())]
     pub max_steps: Option<usize>,
+    /// A time budget (`90s`, `15m`, `1.5h`; overrides optim.max_time and max_steps): the run
+    /// times its first steps and fixes max_steps to those that fit, the final evaluation and
+    /// adapter included.
+    #[arg(long, value_name = "DURATION", conflicts_with = "max_steps")]
+    pub max_time: Option<MaxTime>,
     /// Continue from the newest complete checkpoint in RUN_DIR, or from the checkpoint
     /// directory given. The config must match the checkpoint's (max_steps, eval and checkpoint
     /// settings may change).
@@ -100,6 +106,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         resume: args.resume,
         run_dir: args.out,
         max_steps: args.max_steps,
+        max_time: args.max_time,
         save_every: args.save_every,
         ..args.job.overrides()
     };

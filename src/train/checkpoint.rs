@@ -45,6 +45,10 @@ pub struct State {
     /// every step); 1 in checkpoints written before there were several.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// The steps that optim.max_time fixed (absent without a time budget, or before the run
+    /// fixed them): a resumed run keeps them, so its learning-rate schedule stays the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<usize>,
 }
 
 fn one() -> usize {
@@ -182,6 +186,7 @@ pub fn fingerprint(
     optim["epochs"] = serde_json::Value::Null;
     if let Some(o) = optim.as_object_mut() {
         o.remove("activation_checkpointing");
+        o.remove("max_time");
     }
     Ok(serde_json::json!({
         "teacher": teacher, "student": student, "model": cfg.model, "laco": cfg.laco,

@@ -97,6 +97,56 @@ pub struct OptimSection {
     /// resume with it changed (the gradients are the same).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activation_checkpointing: Option<bool>,
+    /// A time budget (`"15m"`; s, m or h) instead of max_steps: the run times its first steps
+    /// and fixes max_steps to the steps that fit, the final evaluation and adapter included
+    /// (see [`MaxTime`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_time: Option<MaxTime>,
+}
+
+/// A run's time budget, written `"90s"`, `"15m"` or `"1.5h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MaxTime(pub std::time::Duration);
+
+impl std::str::FromStr for MaxTime {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim();
+        let unit = match s.chars().last() {
+            Some('s') => 1.0,
+            Some('m') => 60.0,
+            Some('h') => 3600.0,
+            _ => {
+                return Err(format!(
+                    "{s:?}: a duration is a number and s, m or h (\"15m\")"
+                ))
+            }
+        };
+        match s[..s.len() - 1].parse::<f64>() {
+            Ok(v) if v.is_finite() && v > 0.0 => {
+                Ok(Self(std::time::Duration::from_secs_f64(v * unit)))
+            }
+            _ => Err(format!(
+                "{s:?}: a duration is a number above 0 and s, m or h (\"15m\")"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for MaxTime {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<MaxTime> for String {
+    fn from(t: MaxTime) -> String {
+        format!("{}s", t.0.as_secs_f64())
+    }
 }
 
 impl Default for OptimSection {
@@ -114,6 +164,7 @@ impl Default for OptimSection {
             max_steps: 100,
             epochs: None,
             activation_checkpointing: None,
+            max_time: None,
         }
     }
 }
@@ -240,6 +291,12 @@ impl DistillConfig {
         check::at_least(&at("optim.max_steps"), o.max_steps, 1)?;
         if let Some(e) = o.epochs {
             check::positive(&at("optim.epochs"), e)?;
+            if o.max_time.is_some() {
+                bail!(
+                    "{}: optim.max_time and optim.epochs both decide the steps; set one",
+                    at("optim.max_time")
+                );
+            }
         }
         let l = &self.lora;
         check::at_least(&at("lora.r"), l.r, 1)?;
@@ -249,6 +306,16 @@ impl DistillConfig {
         check::positive(&at("loss.temperature"), self.loss.temperature)?;
         check::within(&at("loss.alpha"), self.loss.alpha, 0.0, 1.0, false)?;
         check::at_least(&at("loss.top_k"), self.loss.top_k, 1)?;
+        check::non_negative(&at("loss.hidden_weight"), self.loss.hidden_weight)?;
+        if self.loss.hidden_weight > 0.0 {
+            if let Some(cache) = &self.teacher.cache {
+                bail!(
+                    "{}: the hidden-state term needs the online teacher's hidden states, which a teacher cache ({}) does not hold; set loss.hidden_weight = 0 or remove [teacher] cache",
+                    at("loss.hidden_weight"),
+                    cache.display()
+                );
+            }
+        }
         check::at_least(&at("output.eval_tokens"), self.output.eval_tokens, 2)?;
         check::at_least(&at("checkpoint.keep"), self.checkpoint.keep, 1)?;
         Ok(())
@@ -294,5 +361,21 @@ mod tests {
             250
         });
         assert_eq!(cfg.optim.max_steps, 250);
+    }
+
+    #[test]
+    fn max_time_reads_seconds_minutes_hours() {
+        let secs = |s: &str| s.parse::<MaxTime>().map(|t| t.0.as_secs_f64());
+        assert_eq!(secs("20s"), Ok(20.0));
+        assert_eq!(secs("15m"), Ok(900.0));
+        assert_eq!(secs("1.5h"), Ok(5400.0));
+        for bad in ["15", "0m", "-1s", "xm", "inf h"] {
+            assert!(secs(bad).is_err(), "{bad}");
+        }
+        let cfg: OptimSection = toml::from_str("max_time = \"2m\"").unwrap();
+        assert_eq!(
+            cfg.max_time,
+            Some(MaxTime(std::time::Duration::from_secs(120)))
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! RUN_DIR/summary.json.
 
 use super::checkpoint::{fingerprint, load_matching, locate};
-use super::config::DistillConfig;
+use super::config::{DistillConfig, MaxTime};
 use super::loss::Divergence;
 use super::memory::{MemoryPlan, Shape};
 use super::metrics::METRICS;
@@ -58,8 +58,10 @@ pub struct Overrides {
     pub run_dir: Option<PathBuf>,
     /// data.files, with equal weights: Parquet files or Hugging Face dataset ids.
     pub data: Vec<PathBuf>,
-    /// optim.max_steps.
+    /// optim.max_steps (a given count clears optim.max_time).
     pub max_steps: Option<usize>,
+    /// optim.max_time.
+    pub max_time: Option<MaxTime>,
     /// checkpoint.every.
     pub save_every: Option<usize>,
     /// data.packing.
@@ -115,6 +117,12 @@ impl DistillJob {
             eval_tokens => output.eval_tokens,
             mmlu_limit => output.mmlu_limit,
         );
+        if o.max_steps.is_some() {
+            cfg.optim.max_time = None;
+        }
+        if o.max_time.is_some() {
+            cfg.optim.max_time = o.max_time;
+        }
         if o.activation_checkpointing.is_some() {
             cfg.optim.activation_checkpointing = o.activation_checkpointing;
         }

@@ -7,11 +7,12 @@
 //! torchtune's chunked KD loss, each chunk's sums are added un-normalised and divided once by
 //! the number of counted rows.
 
+use super::hidden::{HiddenDistance, HiddenLayers};
 use crate::data::batch::Batch;
 use crate::kernels;
 use crate::model::chunk::{predicting_rows, row_chunks};
 use crate::model::logprobs::token_nll;
-use crate::model::{CausalLm, Rope, Segments};
+use crate::model::{CausalLm, Rope, Rows, Segments};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{
     activation::log_softmax, backend::Backend, Bool, DType, Int, Tensor, TensorData,
@@ -33,7 +34,7 @@ pub enum Divergence {
     TopKForwardKl,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KdLoss {
     pub divergence: Divergence,
@@ -42,6 +43,28 @@ pub struct KdLoss {
     pub alpha: f64,
     /// k of `top_k_forward_kl`.
     pub top_k: usize,
+    /// Weight of the hidden-state term added to the loss (see [`super::hidden`]); 0: off. The
+    /// hidden settings are left out of a checkpoint's settings while off, so checkpoints of
+    /// runs without them still resume.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub hidden_weight: f64,
+    /// Which student layers the hidden term reads.
+    #[serde(skip_serializing_if = "is_default")]
+    pub hidden_layers: HiddenLayers,
+    #[serde(skip_serializing_if = "is_default")]
+    pub hidden_distance: HiddenDistance,
+    /// For each student layer, the teacher layer whose output it stands for; default: from the
+    /// student's laco_report.json, else proportional.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden_layer_map: Option<Vec<usize>>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
 }
 
 impl Default for KdLoss {
@@ -51,6 +74,10 @@ impl Default for KdLoss {
             temperature: 2.0,
             alpha: 0.5,
             top_k: 64,
+            hidden_weight: 0.0,
+            hidden_layers: HiddenLayers::default(),
+            hidden_distance: HiddenDistance::default(),
+            hidden_layer_map: None,
         }
     }
 }
@@ -245,11 +272,34 @@ pub fn counted_hidden<B: Backend>(
     segments: Option<&Segments>,
     rows: Tensor<B, 1, Int>,
 ) -> Tensor<B, 2> {
-    let hidden = match segments {
-        Some(s) => lm.hidden_packed(ids, rope, s),
-        None => lm.hidden(ids, rope, padding, None, None),
+    counted_layers(lm, rope, ids, padding, segments, rows, &[]).0
+}
+
+/// [`counted_hidden`], and the outputs of the decoder layers `layers` (ascending) at the same
+/// positions, each `[count, hidden]` (the teacher's side of the hidden term).
+pub fn counted_layers<B: Backend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    ids: Tensor<B, 2, Int>,
+    padding: Option<&Tensor<B, 2, Bool>>,
+    segments: Option<&Segments>,
+    rows: Tensor<B, 1, Int>,
+    layers: &[usize],
+) -> (Tensor<B, 2>, Vec<Tensor<B, 2>>) {
+    let kind = match segments {
+        Some(s) => Rows::Packed(s),
+        None => Rows::Padded(padding),
     };
-    predicting_rows(hidden).select(0, rows)
+    let (mut x, pass) = lm.begin(ids, rope, kind);
+    let mut kept = Vec::with_capacity(layers.len());
+    for (l, layer) in lm.model.layers.iter().enumerate() {
+        x = layer.run(x, rope, &pass);
+        if layers.contains(&l) {
+            kept.push(predicting_rows(x.clone()).select(0, rows.clone()));
+        }
+    }
+    let hidden = predicting_rows(lm.model.norm.forward(x)).select(0, rows);
+    (hidden, kept)
 }
 
 /// [`counted_hidden`] of a batch on the model's own backend.

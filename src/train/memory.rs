@@ -9,9 +9,10 @@
 //! - per adapter: the scaled dropout mask and the dropped-out input that the `A` matmul keeps
 //!   (`2 x in` per token; with dropout 0 only the input, shared by the adapters that read it)
 //! - RMSNorm: its f32 input (two norms per layer); Qwen3's q/k norms: their inputs
-//! - attention: q and k for the scores, v for the output, and two `[batch, heads, seq, keys]`
-//!   tensors (softmax's exponentials and the probabilities); a padded batch's causal blocks see
-//!   every key, so `keys = seq`
+//! - attention: q and k for the scores, v for the output, and three `[batch, heads, seq, keys]`
+//!   tensors (the scores, which the softmax's row maximum keeps for its backward pass, the
+//!   exponentials and the probabilities); a padded batch's causal blocks see every key, so
+//!   `keys = seq`
 //! - SwiGLU: the sigmoid, the gate, the SiLU output and the up projection (`4 x intermediate`)
 //!
 //! Kept, every layer's activations stay until the backward pass; with layer recompute
@@ -82,7 +83,7 @@ impl MemoryPlan {
             + (nh + nkv) * d
             + (nh + 2 * nkv) * d
             + 4 * i;
-        let scores = 2 * b * nh * t * t;
+        let scores = 3 * b * nh * t * t;
         let per_layer = (tokens * width + scores) * e;
         // The additive mask of a padded batch, once per forward pass.
         let mask = b * nh * t * t * e;

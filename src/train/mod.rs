@@ -5,6 +5,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
+pub mod hidden;
 pub mod job;
 pub mod loss;
 pub mod memory;

@@ -43,7 +43,7 @@ pub fn layer_seed(micro_batch_seed: u64, layer: usize) -> u64 {
             .rotate_left(17)
 }
 
-/// In a data-parallel run, a step's gradients and `[3]` (loss, kd, ce) sums added over the
+/// In a data-parallel run, a step's gradients and `[4]` (loss, kd, ce, hidden) sums added over the
 /// ranks, and whether any rank was asked to stop (`stop`: this rank's flag); in one process,
 /// unchanged (the sums stay on the device).
 pub fn sum_over_ranks<B: AutodiffBackend>(
@@ -57,12 +57,13 @@ pub fn sum_over_ranks<B: AutodiffBackend>(
     if !world.is_distributed() {
         return Ok((grads, sums, stop));
     }
+    let n = sums.dims()[0];
     let mut scalars: Vec<f64> = sums.into_data().iter::<f64>().collect();
     scalars.push(stop as u8 as f64);
     world.sum(&mut scalars);
     let stop = scalars.pop().is_some_and(|s| s > 0.0);
     let sums: Vec<f32> = scalars.into_iter().map(|s| s as f32).collect();
-    let sums = Tensor::from_data(TensorData::new(sums, [3]), device);
+    let sums = Tensor::from_data(TensorData::new(sums, [n]), device);
     let grads = sum_gradients(world, lm, grads, device)?;
     Ok((grads, sums, stop))
 }

@@ -10,6 +10,7 @@
 use super::checkpoint::{self, State};
 use super::config::DistillConfig;
 use super::evaluate::{Baseline, HeldOut};
+use super::hidden::{layer_map, HiddenTerm, MapSource};
 use super::metrics::{throughput, Metrics};
 use super::optim::{adamw, clip_global_norm, lr_at, Optim};
 use super::parallel::{micro_batch_seed, step_seed, sum_over_ranks};
@@ -34,7 +35,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -132,10 +133,25 @@ struct Recipe<'a, B: AutodiffBackend> {
     bar: ProgressBar,
     /// Whether any rank was asked to stop (data-parallel runs: the ranks stop together).
     ranks_stop: bool,
+    /// The hidden-state term (`loss.hidden_weight` > 0).
+    hidden: Option<HiddenTerm>,
+    /// When setup began: a time budget counts from here.
+    started: Instant,
+    /// `optim.max_time` while max_steps is still to be fixed.
+    budget: Option<Duration>,
+    /// Seconds of the pruned student's evaluation before training (what the final one costs).
+    eval_secs: Option<f64>,
+    /// The max_steps the time budget fixed (recorded in checkpoints).
+    fixed_steps: Option<usize>,
 }
+
+/// Steps run before a time budget's steps are timed (warm-up), and steps timed.
+const BUDGET_WARMUP_STEPS: usize = 1;
+const BUDGET_TIMED_STEPS: usize = 2;
 
 impl<'a, B: AutodiffBackend> Recipe<'a, B> {
     fn setup(cfg: &DistillConfig, run: &'a Run, device: &B::Device) -> Result<Self> {
+        let started = Instant::now();
         let world = crate::dist::world();
         // 1. Models. The teacher runs on the inner backend: no graph, no gradients.
         let teacher = Pretrained::<B::InnerBackend>::load(&run.teacher, device)?;
@@ -153,6 +169,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 run.teacher.display(), run.student.display()
             );
         }
+        let hidden = hidden_term(cfg, run, &teacher, &student)?;
         // 2. The checkpoint to resume, which must match the config and models.
         let fingerprint = checkpoint::fingerprint(cfg, &run.teacher, &run.student)?;
         let checkpoints = checkpoint::checkpoints_dir(&run.run_dir);
@@ -199,8 +216,17 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         );
         // 6. Resume (adapters, optimiser moments, data cursor, metrics rewound), or measure the
         //    teacher and the pruned student before training.
+        let mut eval_secs = None;
+        let mut fixed_steps = None;
         let (step, tokens, final_loss, baseline, metrics) = match resumed {
             Some((dir, state)) => {
+                if let Some(n) = state.max_steps {
+                    eprintln!(
+                        "max_steps {n}, as the time budget fixed it (recorded in the checkpoint)"
+                    );
+                    cfg.optim.max_steps = n;
+                    fixed_steps = Some(n);
+                }
                 data.seek(&state.data)
                     .map_err(|e| anyhow::anyhow!("--resume {}: {e}", dir.display()))?;
                 optim = optim.load_record(checkpoint::restore(&dir, &state, &mut lm, device)?);
@@ -220,11 +246,16 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 )
             }
             None => {
+                let ppl_teacher = held_out.ppl(&teacher.lm, &teacher.rope)?;
+                let mmlu_teacher = held_out.mmlu(&teacher.lm, &teacher.rope)?;
+                let timed = Instant::now();
+                let (ppl_student, mmlu_student) = held_out.measure(&lm.valid(), &eval_rope)?;
+                eval_secs = Some(timed.elapsed().as_secs_f64());
                 let baseline = Baseline {
-                    ppl_teacher: held_out.ppl(&teacher.lm, &teacher.rope)?,
-                    ppl_student: held_out.ppl(&lm.valid(), &eval_rope)?,
-                    mmlu_teacher: held_out.mmlu(&teacher.lm, &teacher.rope)?,
-                    mmlu_student: held_out.mmlu(&lm.valid(), &eval_rope)?,
+                    ppl_teacher,
+                    ppl_student,
+                    mmlu_teacher,
+                    mmlu_student,
                 };
                 let mut metrics = if world.is_root() {
                     Metrics::start(&run.run_dir)?
@@ -240,6 +271,14 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         let teacher = match cache {
             Some(cache) => Teacher::Cache(cache),
             None => Teacher::Model(Box::new(teacher)),
+        };
+        // A time budget: max_steps unknown until the first steps are timed.
+        let budget = match (cfg.optim.max_time, fixed_steps) {
+            (Some(t), None) => {
+                cfg.optim.max_steps = usize::MAX;
+                Some(t.0)
+            }
+            _ => None,
         };
         let bar = progress_bar("distill");
         bar.set_length(cfg.optim.max_steps as u64);
@@ -268,14 +307,19 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             saved_at: run.resume.clone(),
             bar,
             ranks_stop: false,
+            hidden,
+            started,
+            budget,
+            eval_secs,
+            fixed_steps,
             cfg,
         })
     }
 
     /// Trains to `max_steps`; `Some` when SIGINT/SIGTERM stopped it after a checkpoint.
     fn train(&mut self) -> Result<Option<Outcome>> {
-        let o = self.cfg.optim.clone();
-        while self.step < o.max_steps {
+        while self.step < self.cfg.optim.max_steps {
+            let o = self.cfg.optim.clone();
             let started = Instant::now();
             // Dropout masks depend on the step (and micro-batch) alone, so a resumed run draws
             // the same ones, whichever ranks run it.
@@ -292,8 +336,8 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 sum_over_ranks(self.world, &self.lm, grads, sums, stop, &self.device)?;
             self.ranks_stop = stop;
             let grad_norm = clip_global_norm(&self.lm, &mut grads, o.grad_clip, &self.device);
-            // The step's one read from the device: loss, kd, ce and the gradient norm.
-            let [loss, kd, ce, grad_norm] = to_host(Tensor::cat(vec![sums, grad_norm], 0))?;
+            // The step's one read from the device: loss, kd, ce, hidden and the gradient norm.
+            let [loss, kd, ce, hidden, grad_norm] = to_host(Tensor::cat(vec![sums, grad_norm], 0))?;
             if !(loss.is_finite() && grad_norm.is_finite()) {
                 self.bar.finish_and_clear();
                 bail!(self.diverged(loss, grad_norm));
@@ -306,6 +350,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             self.final_loss = loss;
             self.step_times
                 .push((tokens, started.elapsed().as_secs_f64()));
+            self.fix_steps_if_timed();
             let tps = throughput(&self.step_times);
             self.bar.set_message(format!(
                 "loss {loss:.4} kd {kd:.4} ce {ce:.4} {tps:.0} tok/s"
@@ -319,6 +364,9 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 ("grad_norm", grad_norm),
                 ("tokens_per_sec", tps),
             ];
+            if self.hidden.is_some() {
+                scalars.insert(3, ("hidden_loss", hidden));
+            }
             self.gpu_memory = crate::device::gpu_memory();
             if let Some(m) = self.gpu_memory {
                 scalars.push(("gpu_mem_gb", m.in_use as f64 / 1e9));
@@ -360,7 +408,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         let count: usize = micro.iter().map(|b| b.count).sum();
         let tokens = micro.iter().map(|b| b.tokens).sum();
         let mut acc = GradientsAccumulator::new();
-        let mut sums = Tensor::zeros([3], &self.device);
+        let mut sums = Tensor::zeros([4], &self.device);
         let mine = self.world.share(micro.len());
         let recompute = self.recompute;
         for (index, batch) in micro.iter().enumerate().take(mine.end).skip(mine.start) {
@@ -373,6 +421,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
                 &self.rope,
                 batch,
                 &self.cfg.loss,
+                self.hidden.as_ref(),
                 count,
                 settings,
             )?;
@@ -380,6 +429,46 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             acc.accumulate(&self.lm, step.grads);
         }
         Ok((acc.grads(), sums, tokens))
+    }
+
+    /// With a time budget, once its first steps are timed: max_steps becomes the steps that
+    /// fit in what is left of it, less the final evaluation (timed before training), the
+    /// periodic ones and a 5% margin. Rank 0's count is every rank's.
+    fn fix_steps_if_timed(&mut self) {
+        let Some(budget) = self.budget else { return };
+        if self.step_times.len() < BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS {
+            return;
+        }
+        let timed = &self.step_times[BUDGET_WARMUP_STEPS..];
+        let step_secs = timed.iter().map(|(_, s)| s).sum::<f64>() / timed.len() as f64;
+        // Resumed before the steps were fixed: the evaluation was not timed; a tenth of the
+        // budget stands for it.
+        let eval_secs = self.eval_secs.unwrap_or(budget.as_secs_f64() / 10.0);
+        let every = self.cfg.output.eval_every;
+        let per_step = step_secs
+            + if every > 0 {
+                eval_secs / every as f64
+            } else {
+                0.0
+            };
+        let left = budget.as_secs_f64() - self.started.elapsed().as_secs_f64() - eval_secs;
+        let more = (left * 0.95 / per_step).max(0.0).floor() as usize;
+        let mut steps = [(self.step + more) as f64];
+        if !self.world.is_root() {
+            steps[0] = 0.0;
+        }
+        self.world.sum(&mut steps);
+        let steps = steps[0] as usize;
+        self.bar.suspend(|| {
+            eprintln!(
+                "time budget {:.0}s: {step_secs:.2}s a step, evaluation {eval_secs:.1}s: max_steps {steps}",
+                budget.as_secs_f64()
+            )
+        });
+        self.cfg.optim.max_steps = steps;
+        self.fixed_steps = Some(steps);
+        self.budget = None;
+        self.bar.set_length(steps as u64);
     }
 
     /// The periodic held-out evaluation, every `eval_every` steps before the last.
@@ -421,6 +510,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             fingerprint: self.fingerprint.clone(),
             baseline: self.baseline.clone(),
             world_size: self.world.size,
+            max_steps: self.fixed_steps,
         };
         let dir = if self.world.is_root() {
             checkpoint::save(
@@ -511,6 +601,62 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             activation_checkpointing: self.recompute,
         })
     }
+}
+
+/// The hidden-state term of the run (`loss.hidden_weight` > 0): its layer map from the config,
+/// the student's prune report or proportional, printed.
+fn hidden_term<B: AutodiffBackend>(
+    cfg: &DistillConfig,
+    run: &Run,
+    teacher: &Pretrained<B::InnerBackend>,
+    student: &Pretrained<B>,
+) -> Result<Option<HiddenTerm>> {
+    let l = &cfg.loss;
+    if l.hidden_weight == 0.0 {
+        return Ok(None);
+    }
+    let (th, sh) = (teacher.lm.hidden_size(), student.lm.hidden_size());
+    if th != sh {
+        bail!(
+            "loss.hidden_weight: the hidden-state term compares hidden states of one size; the teacher's are {th}, the student's {sh}"
+        );
+    }
+    let (map, source) = layer_map(
+        &run.student,
+        student.lm.num_layers(),
+        teacher.lm.num_layers(),
+        l.hidden_layer_map.as_deref(),
+        "the config",
+    )?;
+    let term = HiddenTerm::new(&map, l.hidden_layers, l.hidden_weight, l.hidden_distance);
+    let source = match source {
+        MapSource::Config => "loss.hidden_layer_map".to_string(),
+        MapSource::PruneReport => run
+            .student
+            .join(crate::prune::job::REPORT)
+            .display()
+            .to_string(),
+        MapSource::Proportional => "proportional: the student has no prune report".into(),
+    };
+    let pairs: Vec<String> = term
+        .pairs
+        .iter()
+        .map(|(s, t)| format!("{s}->{t}"))
+        .collect();
+    eprintln!(
+        "hidden-state term (weight {}, {:?}, {:?}): student->teacher layer {} ({source})",
+        l.hidden_weight,
+        l.hidden_layers,
+        l.hidden_distance,
+        pairs.join(" ")
+    );
+    if term.pairs.is_empty() {
+        bail!(
+            "loss.hidden_layers = {:?}: no student layer of the map {map:?} qualifies",
+            l.hidden_layers
+        );
+    }
+    Ok(Some(term))
 }
 
 /// A small device tensor's values, read in one transfer.

@@ -14,9 +14,16 @@
 //!   layer's activations exist at a time. Dropout draws from a generator seeded per layer, so
 //!   the recomputed layer draws the masks of its first pass.
 //!
+//! The hidden-state term ([`super::hidden`]) fits both: its gradient with respect to each chosen
+//! layer's output is taken in the forward pass, then joins the kept graph's backward pass as one
+//! more surrogate, or the recomputed backward pass as part of that layer's upstream gradient.
+//!
 //! The sums stay on the device: a step reads them once ([`super::recipe`]).
 
-use super::loss::{chunked_kd, teacher_top_k, Divergence, KdLoss, LossSums, TeacherRows};
+use super::hidden::{layer_term, HiddenTerm};
+use super::loss::{
+    chunked_kd, counted_layers, teacher_top_k, Divergence, KdLoss, LossSums, TeacherRows,
+};
 use super::parallel::layer_seed;
 use crate::data::batch::Batch;
 use crate::model::chunk::{predicting_rows, rows_per_chunk};
@@ -41,7 +48,8 @@ pub struct StepSettings {
 pub struct MicroStep<B: AutodiffBackend> {
     /// The adapters' gradients of the loss divided by the step's count.
     pub grads: GradientsParams,
-    /// `[3]`: (loss, kd, ce), each divided by the step's count, on the device.
+    /// `[4]`: (loss, kd, ce, hidden), each divided by the step's count, on the device; hidden is
+    /// the hidden term's mean distance (0 without one), its weighted share is in loss.
     pub sums: Tensor<B::InnerBackend, 1>,
 }
 
@@ -57,16 +65,33 @@ pub fn micro_step<B: AutodiffBackend>(
     count: usize,
     settings: StepSettings,
 ) -> MicroStep<B> {
+    micro_step_hidden(lm, rope, teacher, batch, loss, None, count, settings)
+}
+
+/// [`micro_step`] with the hidden-state term `hidden` (see [`super::hidden`]) when given.
+#[allow(clippy::too_many_arguments)]
+pub fn micro_step_hidden<B: AutodiffBackend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    teacher: &Pretrained<B::InnerBackend>,
+    batch: &Batch<B>,
+    loss: &KdLoss,
+    hidden: Option<&HiddenTerm>,
+    count: usize,
+    settings: StepSettings,
+) -> MicroStep<B> {
     let t_padding = batch.padding.clone().map(|p| p.inner());
-    let t_hidden = super::loss::counted_hidden(
+    let (t_hidden, t_layers) = counted_layers(
         &teacher.lm,
         &teacher.rope,
         batch.ids.clone().inner(),
         t_padding.as_ref(),
         batch.segments.as_ref(),
         batch.rows.clone().inner(),
+        &hidden.map(HiddenTerm::teacher_layers).unwrap_or_default(),
     );
-    student_step(lm, rope, batch, loss, count, settings, |r| {
+    let hidden = hidden.map(|h| (h, t_layers));
+    student_step(lm, rope, batch, loss, hidden, count, settings, |r| {
         let logits = teacher.lm.logits_2d(t_hidden.clone().slice(r));
         if loss.divergence == Divergence::TopKForwardKl {
             let (ids, logprobs) = teacher_top_k(logits, loss.top_k);
@@ -92,7 +117,7 @@ pub fn micro_step_cached<B: AutodiffBackend>(
     count: usize,
     settings: StepSettings,
 ) -> MicroStep<B> {
-    student_step(lm, rope, batch, loss, count, settings, |r| {
+    student_step(lm, rope, batch, loss, None, count, settings, |r| {
         TeacherRows::TopK {
             ids: ids.clone().slice(r.clone()),
             logprobs: logprobs.clone().slice(r),
@@ -100,12 +125,21 @@ pub fn micro_step_cached<B: AutodiffBackend>(
     })
 }
 
-/// The student's forward pass, the fused loss against `teacher(rows)`, the backward pass.
+/// The hidden term and the teacher's counted rows at its pairs' teacher layers, in order.
+type HiddenTargets<'a, B> = (
+    &'a HiddenTerm,
+    Vec<Tensor<<B as AutodiffBackend>::InnerBackend, 2>>,
+);
+
+/// The student's forward pass, the fused loss against `teacher(rows)` (and the hidden term
+/// against the teacher's states in `targets`), the backward pass.
+#[allow(clippy::too_many_arguments)]
 fn student_step<B: AutodiffBackend>(
     lm: &CausalLm<B>,
     rope: &Rope<B>,
     batch: &Batch<B>,
     loss: &KdLoss,
+    targets: Option<HiddenTargets<'_, B>>,
     count: usize,
     settings: StepSettings,
     teacher: impl FnMut(Range<usize>) -> TeacherRows<B>,
@@ -119,8 +153,13 @@ fn student_step<B: AutodiffBackend>(
     let layers = &lm.model.layers;
     let seeded = |l: usize| B::seed(&device, layer_seed(settings.seed, l));
     // 1. The layers' forward pass: under autodiff (kept), or without a graph, keeping each
-    //    layer's input (recomputed).
+    //    layer's input (recomputed). After each layer the hidden term reads, its distance sum
+    //    and its gradient with respect to the layer's output: joined to the backward pass as
+    //    one more surrogate (kept), or added to the layer's upstream gradient (recomputed).
     let mut inputs = Vec::new();
+    let mut hidden_sum: Option<Tensor<B::InnerBackend, 1>> = None;
+    let mut hidden_grads: Vec<Option<Tensor<B::InnerBackend, 3>>> = vec![None; layers.len()];
+    let mut hidden_surrogates = Vec::new();
     let mut x = x;
     for (l, layer) in layers.iter().enumerate() {
         seeded(l);
@@ -130,6 +169,22 @@ fn student_step<B: AutodiffBackend>(
         } else {
             layer.run(x, rope, &pass)
         };
+        let Some((term, targets)) = &targets else {
+            continue;
+        };
+        let Some(i) = term.index_of(l) else { continue };
+        let (sum, grad) = layer_term::<B>(
+            x.clone().inner(),
+            targets[i].clone(),
+            batch.rows.clone(),
+            term.scale(count),
+            term.distance,
+        );
+        hidden_sum = Some(hidden_sum.map_or(sum.clone(), |s| s + sum));
+        match settings.recompute {
+            true => hidden_grads[l] = Some(grad),
+            false => hidden_surrogates.push(surrogate(x.clone(), grad)),
+        }
     }
     // 2. The final norm, the counted rows, and the loss with its gradient with respect to
     //    them; a recomputed pass starts the graph at the last layer's output.
@@ -148,10 +203,19 @@ fn student_step<B: AutodiffBackend>(
         |h| lm.logits_2d(h),
         teacher,
     );
-    let sums = sums_tensor(sums, count, loss);
+    let hidden_mean = match (&targets, hidden_sum) {
+        (Some((term, _)), Some(sum)) => {
+            Some((sum.mul_scalar(term.mean_factor(count)), term.weight))
+        }
+        _ => None,
+    };
+    let sums = sums_tensor(sums, count, loss, hidden_mean);
     // 3. Backward: `sum(hidden x grad)` has the loss's gradient with respect to everything
     //    before `hidden`.
-    let mut grads = surrogate(hidden, grad).backward();
+    let total = hidden_surrogates
+        .into_iter()
+        .fold(surrogate(hidden, grad), |a, b| a + b);
+    let mut grads = total.backward();
     if !settings.recompute {
         return MicroStep {
             grads: GradientsParams::from_grads(grads, lm),
@@ -168,6 +232,9 @@ fn student_step<B: AutodiffBackend>(
         seeded(l);
         let input = Tensor::<B, 3>::from_inner(input.inner()).require_grad();
         let output = layer.run(input.clone(), rope, &pass);
+        if let Some(g) = hidden_grads[l].take() {
+            upstream = upstream + g;
+        }
         grads = surrogate(output, upstream).backward();
         collect(layer, &mut grads, &mut out);
         upstream = match l {
@@ -205,8 +272,21 @@ fn collect<B: AutodiffBackend>(
     }
 }
 
-/// `[3]`: (loss, kd, ce) as means over `count` rows.
-fn sums_tensor<B: Backend>(sums: LossSums<B>, count: usize, cfg: &KdLoss) -> Tensor<B, 1> {
+/// `[4]`: (loss, kd, ce, hidden) as means over `count` rows, from the KD and CE sums and the
+/// hidden term's mean distance (`[1]`) and weight; loss adds the term's weighted share.
+fn sums_tensor<B: Backend>(
+    sums: LossSums<B>,
+    count: usize,
+    cfg: &KdLoss,
+    hidden: Option<(Tensor<B, 1>, f64)>,
+) -> Tensor<B, 1> {
     let (loss, kd, ce) = sums.means(count, cfg);
-    Tensor::cat(vec![loss, kd, ce], 0)
+    let (loss, hidden) = match hidden {
+        Some((h, weight)) => {
+            let h = h.cast(loss.dtype());
+            (loss + h.clone().mul_scalar(weight), h)
+        }
+        None => (loss.clone(), loss.zeros_like()),
+    };
+    Tensor::cat(vec![loss, kd, ce, hidden], 0)
 }

@@ -1,8 +1,9 @@
 //! Where a distillation step's teacher distributions come from: the teacher model, run every
 //! step, or a teacher cache ([`super::teacher_cache`]) read instead.
 
+use super::hidden::HiddenTerm;
 use super::loss::KdLoss;
-use super::step::{micro_step, micro_step_cached, MicroStep, StepSettings};
+use super::step::{micro_step_cached, micro_step_hidden, MicroStep, StepSettings};
 use super::teacher_cache::TeacherCache;
 use crate::data::batch::Batch;
 use crate::model::{CausalLm, Pretrained, Rope};
@@ -18,20 +19,23 @@ pub enum Teacher<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Teacher<B> {
-    /// [`micro_step`] or [`micro_step_cached`] of one micro-batch.
+    /// [`micro_step_hidden`] or [`micro_step_cached`] of one micro-batch; the hidden term
+    /// needs the model (the config refuses it with a cache).
+    #[allow(clippy::too_many_arguments)]
     pub fn micro_step(
         &self,
         lm: &CausalLm<B>,
         rope: &Rope<B>,
         batch: &Batch<B>,
         loss: &KdLoss,
+        hidden: Option<&HiddenTerm>,
         count: usize,
         settings: StepSettings,
     ) -> Result<MicroStep<B>> {
         match self {
-            Teacher::Model(teacher) => {
-                Ok(micro_step(lm, rope, teacher, batch, loss, count, settings))
-            }
+            Teacher::Model(teacher) => Ok(micro_step_hidden(
+                lm, rope, teacher, batch, loss, hidden, count, settings,
+            )),
             Teacher::Cache(cache) => {
                 let device = batch.ids.device();
                 let (ids, logprobs) = cache.rows::<B>(&batch.keys, loss.top_k, &device)?;

@@ -110,6 +110,7 @@ fn kd_losses_match_golden_in_any_chunking() {
                 temperature: t,
                 alpha: 1.0,
                 top_k: 16,
+                ..KdLoss::default()
             };
             let (loss, kd, ce) = losses(&c, &fwd, chunk_rows);
             close(
@@ -124,6 +125,7 @@ fn kd_losses_match_golden_in_any_chunking() {
                 temperature: t,
                 alpha: 1.0,
                 top_k: 16,
+                ..KdLoss::default()
             };
             close(
                 losses(&c, &rev, chunk_rows).1,
@@ -136,6 +138,7 @@ fn kd_losses_match_golden_in_any_chunking() {
             temperature: 1.0,
             alpha: 1.0,
             top_k: 16,
+            ..KdLoss::default()
         };
         close(
             losses(&c, &top, chunk_rows).1,
@@ -153,6 +156,7 @@ fn alpha_mixes_kd_and_ce() {
         temperature: 2.0,
         alpha: 0.25,
         top_k: 16,
+        ..KdLoss::default()
     };
     let (loss, kd, ce) = losses(&c, &cfg, 5);
     assert!((loss - (0.25 * kd + 0.75 * ce)).abs() <= 1e-6);
@@ -181,6 +185,7 @@ fn chunked_loss_gradient_matches_one_graph_of_generic_ops() {
                 temperature,
                 alpha: 0.3,
                 top_k: 16,
+                ..KdLoss::default()
             };
             let chunked = losses_and_grad(&c, &cfg, 5).3;
             let student = Tensor::<Ad, 2>::from_inner(c.student.clone()).require_grad();

@@ -11,6 +11,7 @@ mod eval;
 mod export;
 mod forward;
 mod hardening;
+mod hidden;
 mod kd;
 mod launch;
 mod layout;

@@ -254,6 +254,7 @@ fn kd_distance<A: burn::tensor::backend::AutodiffBackend>(dev: &A::Device) -> f6
         temperature: 1.0,
         alpha: 0.5,
         top_k: 16,
+        ..KdLoss::default()
     };
     let step = StepSettings {
         recompute: false,

@@ -28,7 +28,8 @@ pub fn batches() -> [(&'static str, Vec<Sequence>, bool); 2] {
     [("padded", seqs.clone(), false), ("packed", seqs, true)]
 }
 
-fn batch<T: AutodiffBackend>(seqs: &[Sequence], packed: bool, dev: &T::Device) -> Batch<T> {
+/// The four sequences of [`batches`] as one micro-batch.
+pub fn batch<T: AutodiffBackend>(seqs: &[Sequence], packed: bool, dev: &T::Device) -> Batch<T> {
     let [a, b, c, d] = [&seqs[0], &seqs[1], &seqs[2], &seqs[3]];
     match packed {
         true => Batch::packed(&[vec![a, c], vec![b, d]], 0, dev),

@@ -260,3 +260,67 @@ fn resume_refuses_what_it_cannot_continue() {
         &["checkpoints"],
     );
 }
+
+/// The last `checkpoints/latest` state's step and recorded max_steps.
+fn latest_state(run: &Path) -> Option<(u64, Option<u64>)> {
+    let name = std::fs::read_to_string(run.join("checkpoints/latest")).ok()?;
+    let path = run.join("checkpoints").join(name.trim()).join("state.json");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    Some((state["step"].as_u64()?, state["max_steps"].as_u64()))
+}
+
+#[test]
+fn a_time_budget_fixes_the_steps_and_a_killed_run_resumes_them_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let every1 = config(dir.path(), 1, 8);
+    // Killed once the budget has fixed the steps and a checkpoint after them is written.
+    let run = dir.path().join("budget");
+    let mut child = distill(&every1, &run, &["--max-time", "20s"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !latest_state(&run).is_some_and(|(step, fixed)| step >= 4 && fixed.is_some()) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before step 4"
+        );
+        assert!(started.elapsed() < Duration::from_secs(300));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Resumed with another budget: the recorded steps stay.
+    let err = ok(distill(&every1, &run, &["--resume", "--max-time", "1s"])
+        .output()
+        .unwrap());
+    let (last, fixed) = latest_state(&run).unwrap();
+    let steps = fixed.expect("max_steps recorded") as usize;
+    assert!(err.contains(&format!("max_steps {steps}")), "{err}");
+    assert_eq!(last as usize, steps, "the run ends at the recorded steps");
+    let curve = losses(&run);
+    assert_eq!(curve.len(), steps);
+    assert_eq!(
+        curve.last().unwrap().0 as usize,
+        steps,
+        "metrics' last step"
+    );
+    assert!(run.join("eval.json").is_file() && run.join("adapter").is_dir());
+    // The same run without a budget, max_steps given: the same schedule, adapter and curve.
+    let reference = dir.path().join("reference");
+    let n = steps.to_string();
+    ok(distill(&every1, &reference, &["--max-steps", &n])
+        .output()
+        .unwrap());
+    assert_eq!(
+        adapter(&run),
+        adapter(&reference),
+        "budget + kill + resume: adapter"
+    );
+    assert_eq!(
+        losses(&run),
+        losses(&reference),
+        "budget + kill + resume: loss curve"
+    );
+}

@@ -37,6 +37,7 @@ pub fn kd(divergence: Divergence) -> KdLoss {
         temperature: 2.0,
         alpha: 0.5,
         top_k: 16,
+        ..KdLoss::default()
     }
 }
 

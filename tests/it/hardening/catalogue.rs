@@ -55,6 +55,15 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
     let clip = cfg("clip.toml", "grad_clip = 1.0", "grad_clip = -1.0");
     let drop1 = cfg("dropout.toml", "dropout = 0.0", "dropout = 1.0");
     let temp_nan = cfg("temp.toml", "temperature = 1.0", "temperature = nan");
+    // The hidden-state term with a teacher cache, which holds no hidden states.
+    let hidden_cache = cfg(
+        "hidden-cache.toml",
+        "[loss]\n",
+        &format!(
+            "[teacher]\ncache = \"{}\"\n\n[loss]\nhidden_weight = 1.0\n",
+            s(&t.join("cache"))
+        ),
+    );
     let layers = cfg("layers.toml", "highest_layer = 8", "highest_layer = 99");
     let typed = cfg("typed.toml", "lr = 2e-3", "lr = \"fast\"");
     let weights = cfg(
@@ -372,6 +381,16 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit() {
                 s(&t.join("d5")),
             ],
             vec!["temp.toml", "loss.temperature", "NaN"],
+        ),
+        (
+            vec![
+                "distill".into(),
+                "--config".into(),
+                hidden_cache,
+                "--out".into(),
+                s(&t.join("d-hidden")),
+            ],
+            vec!["hidden-cache.toml", "loss.hidden_weight", "teacher cache"],
         ),
         (
             vec![
