@@ -89,14 +89,18 @@ pub struct LossSums<B: Backend> {
     pub ce: Tensor<B, 1>,
 }
 
-impl<B: Backend> LossSums<B> {
-    pub fn add(self, other: Self) -> Self {
+impl<B: Backend> std::ops::Add for LossSums<B> {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
         Self {
             kd: self.kd + other.kd,
             ce: self.ce + other.ce,
         }
     }
+}
 
+impl<B: Backend> LossSums<B> {
     /// `(loss, kd, ce)` as means over `count` rows: loss = alpha KD + (1 - alpha) CE.
     pub fn means(self, count: usize, cfg: &KdLoss) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
         let n = count.max(1) as f64;
@@ -166,7 +170,7 @@ pub fn chunked_kd<B: AutodiffBackend, T: Into<TeacherRows<B>>>(
             ce: sums.ce.inner(),
         };
         total = Some(match total {
-            Some(t) => t.add(sums),
+            Some(t) => t + sums,
             None => sums,
         });
     }

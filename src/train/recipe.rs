@@ -82,8 +82,12 @@ pub struct Run {
 }
 
 pub enum Outcome {
-    Finished(Summary),
-    Interrupted { step: usize, checkpoint: PathBuf },
+    /// Boxed: the summary is far larger than the other variant.
+    Finished(Box<Summary>),
+    Interrupted {
+        step: usize,
+        checkpoint: PathBuf,
+    },
 }
 
 /// Runs the job; `run.run_dir` exists. Per-step metrics go to RUN_DIR/metrics.jsonl and
@@ -97,7 +101,7 @@ pub fn distill<B: AutodiffBackend>(
     if let Some(interrupted) = recipe.train()? {
         return Ok(interrupted);
     }
-    recipe.finish().map(Outcome::Finished)
+    recipe.finish().map(|s| Outcome::Finished(Box::new(s)))
 }
 
 /// A run in progress: what setup built, and where training stands.

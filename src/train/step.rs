@@ -107,6 +107,7 @@ pub fn micro_step_hidden<B: AutodiffBackend>(
 
 /// [`micro_step`] without the teacher: its top-k `ids` and `logprobs` (`[count, k]`, the
 /// batch's counted rows in order) come from a teacher cache.
+#[allow(clippy::too_many_arguments)]
 pub fn micro_step_cached<B: AutodiffBackend>(
     lm: &CausalLm<B>,
     rope: &Rope<B>,
@@ -210,6 +211,9 @@ fn student_step<B: AutodiffBackend>(
         _ => None,
     };
     let sums = sums_tensor(sums, count, loss, hidden_mean);
+    // On a GPU, memory sampled where the step's peak lies: the forward passes done (layers
+    // kept: every activation held), and below, each layer run again.
+    crate::device::gpu_memory();
     // 3. Backward: `sum(hidden x grad)` has the loss's gradient with respect to everything
     //    before `hidden`.
     let total = hidden_surrogates
@@ -232,6 +236,7 @@ fn student_step<B: AutodiffBackend>(
         seeded(l);
         let input = Tensor::<B, 3>::from_inner(input.inner()).require_grad();
         let output = layer.run(input.clone(), rope, &pass);
+        crate::device::gpu_memory();
         if let Some(g) = hidden_grads[l].take() {
             upstream = upstream + g;
         }

@@ -140,7 +140,7 @@ fn one_graph(seqs: &[Sequence], packed: bool, divergence: Divergence) -> (f32, A
                 let targets: Tensor<A, 1, Int> = batch.targets.clone().slice(r);
                 let sums = chunk_sums(student, teacher, targets, &cfg);
                 total = Some(match total {
-                    Some(t) => t.add(sums),
+                    Some(t) => t + sums,
                     None => sums,
                 });
             }
