@@ -3,9 +3,10 @@
 
 use super::instruct::Example;
 use crate::hf::Tokenizer;
-use crate::model::Segments;
+use crate::model::{Rows, Segments};
 use anyhow::Result;
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 pub const IGNORE: i64 = -100;
 
@@ -78,6 +79,14 @@ impl<B: Backend> Batch<B> {
         Self::build(rows, pad_id, true, device)
     }
 
+    /// How the rows are laid out, for a forward pass over them.
+    pub fn layout(&self) -> Rows<'_, B> {
+        match &self.segments {
+            Some(s) => Rows::Packed(s),
+            None => Rows::Padded(self.padding.as_ref()),
+        }
+    }
+
     fn build(rows: &[Vec<&Sequence>], pad_id: u32, packed: bool, device: &B::Device) -> Self {
         let b = rows.len();
         let len = |row: &Vec<&Sequence>| row.iter().map(|q| q.ids.len()).sum::<usize>();
@@ -122,5 +131,21 @@ impl<B: Backend> Batch<B> {
     pub fn padded_positions(&self) -> usize {
         let [b, s] = self.ids.dims();
         b * s - self.tokens
+    }
+}
+
+impl<B: AutodiffBackend> Batch<B> {
+    /// The batch on the inner backend, without a graph: what a frozen teacher reads.
+    pub fn inner(&self) -> Batch<B::InnerBackend> {
+        Batch {
+            ids: self.ids.clone().inner(),
+            padding: self.padding.clone().map(Tensor::inner),
+            segments: self.segments.clone(),
+            rows: self.rows.clone().inner(),
+            targets: self.targets.clone().inner(),
+            count: self.count,
+            tokens: self.tokens,
+            keys: self.keys.clone(),
+        }
     }
 }

@@ -12,11 +12,9 @@ use crate::data::batch::Batch;
 use crate::kernels;
 use crate::model::chunk::{predicting_rows, row_chunks};
 use crate::model::logprobs::token_nll;
-use crate::model::{CausalLm, Rope, Rows, Segments};
+use crate::model::{CausalLm, Rope};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{
-    activation::log_softmax, backend::Backend, Bool, DType, Int, Tensor, TensorData,
-};
+use burn::tensor::{activation::log_softmax, backend::Backend, DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -266,58 +264,32 @@ pub fn teacher_top_k<B: Backend>(
     (ids, logprobs)
 }
 
-/// The final hidden states `[count, hidden]` at a batch's counted positions (`rows`) of its
-/// `[batch, seq]` ids: right-padded rows, or packed rows (`segments`).
-pub fn counted_hidden<B: Backend>(
-    lm: &CausalLm<B>,
-    rope: &Rope<B>,
-    ids: Tensor<B, 2, Int>,
-    padding: Option<&Tensor<B, 2, Bool>>,
-    segments: Option<&Segments>,
-    rows: Tensor<B, 1, Int>,
-) -> Tensor<B, 2> {
-    counted_layers(lm, rope, ids, padding, segments, rows, &[]).0
-}
-
-/// [`counted_hidden`], and the outputs of the decoder layers `layers` (ascending) at the same
-/// positions, each `[count, hidden]` (the teacher's side of the hidden term).
-pub fn counted_layers<B: Backend>(
-    lm: &CausalLm<B>,
-    rope: &Rope<B>,
-    ids: Tensor<B, 2, Int>,
-    padding: Option<&Tensor<B, 2, Bool>>,
-    segments: Option<&Segments>,
-    rows: Tensor<B, 1, Int>,
-    layers: &[usize],
-) -> (Tensor<B, 2>, Vec<Tensor<B, 2>>) {
-    let kind = match segments {
-        Some(s) => Rows::Packed(s),
-        None => Rows::Padded(padding),
-    };
-    let (mut x, pass) = lm.begin(ids, rope, kind);
-    let mut kept = Vec::with_capacity(layers.len());
-    for (l, layer) in lm.model.layers.iter().enumerate() {
-        x = layer.run(x, rope, &pass);
-        if layers.contains(&l) {
-            kept.push(predicting_rows(x.clone()).select(0, rows.clone()));
-        }
-    }
-    let hidden = predicting_rows(lm.model.norm.forward(x)).select(0, rows);
-    (hidden, kept)
-}
-
-/// [`counted_hidden`] of a batch on the model's own backend.
+/// The final hidden states `[count, hidden]` at a batch's counted positions.
 pub fn batch_hidden<B: Backend>(
     lm: &CausalLm<B>,
     rope: &Rope<B>,
     batch: &Batch<B>,
 ) -> Tensor<B, 2> {
-    counted_hidden(
-        lm,
-        rope,
-        batch.ids.clone(),
-        batch.padding.as_ref(),
-        batch.segments.as_ref(),
-        batch.rows.clone(),
-    )
+    counted_layers(lm, rope, batch, &[]).0
+}
+
+/// [`batch_hidden`], and the outputs of the decoder layers `layers` (ascending) at the same
+/// positions, each `[count, hidden]` (the teacher's side of the hidden term; a teacher reads
+/// [`Batch::inner`]).
+pub fn counted_layers<B: Backend>(
+    lm: &CausalLm<B>,
+    rope: &Rope<B>,
+    batch: &Batch<B>,
+    layers: &[usize],
+) -> (Tensor<B, 2>, Vec<Tensor<B, 2>>) {
+    let (mut x, pass) = lm.begin(batch.ids.clone(), rope, batch.layout());
+    let mut kept = Vec::with_capacity(layers.len());
+    for (l, layer) in lm.model.layers.iter().enumerate() {
+        x = layer.run(x, rope, &pass);
+        if layers.contains(&l) {
+            kept.push(predicting_rows(x.clone()).select(0, batch.rows.clone()));
+        }
+    }
+    let hidden = predicting_rows(lm.model.norm.forward(x)).select(0, batch.rows.clone());
+    (hidden, kept)
 }

@@ -417,18 +417,15 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
         let recompute = self.recompute;
         for (index, batch) in micro.iter().enumerate().take(mine.end).skip(mine.start) {
             let settings = StepSettings {
+                loss: &self.cfg.loss,
+                hidden: self.hidden.as_ref(),
+                count,
                 recompute,
                 seed: micro_batch_seed(seed, index),
             };
-            let step = self.teacher.micro_step(
-                &self.lm,
-                &self.rope,
-                batch,
-                &self.cfg.loss,
-                self.hidden.as_ref(),
-                count,
-                settings,
-            )?;
+            let step = self
+                .teacher
+                .micro_step(&self.lm, &self.rope, batch, settings)?;
             sums = sums + step.sums;
             acc.accumulate(&self.lm, step.grads);
         }

@@ -27,16 +27,24 @@ use super::loss::{
 use super::parallel::layer_seed;
 use crate::data::batch::Batch;
 use crate::model::chunk::{predicting_rows, rows_per_chunk};
-use crate::model::{CausalLm, DecoderLayer, Pretrained, Rope, Rows};
+use crate::model::{CausalLm, DecoderLayer, Pretrained, Rope};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use std::ops::Range;
 
-/// How a micro-batch runs.
+/// How a micro-batch runs, and what it computes.
 #[derive(Debug, Clone, Copy)]
-pub struct StepSettings {
+pub struct StepSettings<'a> {
+    /// The KD + CE loss.
+    pub loss: &'a KdLoss,
+    /// The hidden-state term ([`super::hidden`]), when the run has one: it needs the teacher
+    /// model, not a cache.
+    pub hidden: Option<&'a HiddenTerm>,
+    /// The counted positions of the whole step (every micro-batch, every rank): the sums and
+    /// gradients are divided by it.
+    pub count: usize,
     /// Recompute each layer's forward pass in the backward pass instead of keeping it.
     pub recompute: bool,
     /// The micro-batch's random seed (see [`super::parallel::micro_batch_seed`]); each layer's
@@ -61,37 +69,18 @@ pub fn micro_step<B: AutodiffBackend>(
     rope: &Rope<B>,
     teacher: &Pretrained<B::InnerBackend>,
     batch: &Batch<B>,
-    loss: &KdLoss,
-    count: usize,
     settings: StepSettings,
 ) -> MicroStep<B> {
-    micro_step_hidden(lm, rope, teacher, batch, loss, None, count, settings)
-}
-
-/// [`micro_step`] with the hidden-state term `hidden` (see [`super::hidden`]) when given.
-#[allow(clippy::too_many_arguments)]
-pub fn micro_step_hidden<B: AutodiffBackend>(
-    lm: &CausalLm<B>,
-    rope: &Rope<B>,
-    teacher: &Pretrained<B::InnerBackend>,
-    batch: &Batch<B>,
-    loss: &KdLoss,
-    hidden: Option<&HiddenTerm>,
-    count: usize,
-    settings: StepSettings,
-) -> MicroStep<B> {
-    let t_padding = batch.padding.clone().map(|p| p.inner());
+    let layers = settings.hidden.map(HiddenTerm::teacher_layers);
     let (t_hidden, t_layers) = counted_layers(
         &teacher.lm,
         &teacher.rope,
-        batch.ids.clone().inner(),
-        t_padding.as_ref(),
-        batch.segments.as_ref(),
-        batch.rows.clone().inner(),
-        &hidden.map(HiddenTerm::teacher_layers).unwrap_or_default(),
+        &batch.inner(),
+        &layers.unwrap_or_default(),
     );
-    let hidden = hidden.map(|h| (h, t_layers));
-    student_step(lm, rope, batch, loss, hidden, count, settings, |r| {
+    let targets = settings.hidden.map(|h| (h, t_layers));
+    let loss = settings.loss;
+    student_step(lm, rope, batch, settings, targets, |r| {
         let logits = teacher.lm.logits_2d(t_hidden.clone().slice(r));
         if loss.divergence == Divergence::TopKForwardKl {
             let (ids, logprobs) = teacher_top_k(logits, loss.top_k);
@@ -106,23 +95,18 @@ pub fn micro_step_hidden<B: AutodiffBackend>(
 }
 
 /// [`micro_step`] without the teacher: its top-k `ids` and `logprobs` (`[count, k]`, the
-/// batch's counted rows in order) come from a teacher cache.
-#[allow(clippy::too_many_arguments)]
+/// batch's counted rows in order) come from a teacher cache; `settings.hidden` is not read.
 pub fn micro_step_cached<B: AutodiffBackend>(
     lm: &CausalLm<B>,
     rope: &Rope<B>,
     ids: Tensor<B, 2, Int>,
     logprobs: Tensor<B, 2>,
     batch: &Batch<B>,
-    loss: &KdLoss,
-    count: usize,
     settings: StepSettings,
 ) -> MicroStep<B> {
-    student_step(lm, rope, batch, loss, None, count, settings, |r| {
-        TeacherRows::TopK {
-            ids: ids.clone().slice(r.clone()),
-            logprobs: logprobs.clone().slice(r),
-        }
+    student_step(lm, rope, batch, settings, None, |r| TeacherRows::TopK {
+        ids: ids.clone().slice(r.clone()),
+        logprobs: logprobs.clone().slice(r),
     })
 }
 
@@ -134,22 +118,16 @@ type HiddenTargets<'a, B> = (
 
 /// The student's forward pass, the fused loss against `teacher(rows)` (and the hidden term
 /// against the teacher's states in `targets`), the backward pass.
-#[allow(clippy::too_many_arguments)]
 fn student_step<B: AutodiffBackend>(
     lm: &CausalLm<B>,
     rope: &Rope<B>,
     batch: &Batch<B>,
-    loss: &KdLoss,
-    targets: Option<HiddenTargets<'_, B>>,
-    count: usize,
     settings: StepSettings,
+    targets: Option<HiddenTargets<'_, B>>,
     teacher: impl FnMut(Range<usize>) -> TeacherRows<B>,
 ) -> MicroStep<B> {
-    let rows = match &batch.segments {
-        Some(s) => Rows::Packed(s),
-        None => Rows::Padded(batch.padding.as_ref()),
-    };
-    let (x, pass) = lm.begin(batch.ids.clone(), rope, rows);
+    let (loss, count) = (settings.loss, settings.count);
+    let (x, pass) = lm.begin(batch.ids.clone(), rope, batch.layout());
     let device = x.device();
     let layers = &lm.model.layers;
     let seeded = |l: usize| B::seed(&device, layer_seed(settings.seed, l));

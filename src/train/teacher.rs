@@ -1,9 +1,7 @@
 //! Where a distillation step's teacher distributions come from: the teacher model, run every
 //! step, or a teacher cache ([`super::teacher_cache`]) read instead.
 
-use super::hidden::HiddenTerm;
-use super::loss::KdLoss;
-use super::step::{micro_step_cached, micro_step_hidden, MicroStep, StepSettings};
+use super::step::{micro_step, micro_step_cached, MicroStep, StepSettings};
 use super::teacher_cache::TeacherCache;
 use crate::data::batch::Batch;
 use crate::model::{CausalLm, Pretrained, Rope};
@@ -19,26 +17,21 @@ pub enum Teacher<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Teacher<B> {
-    /// [`micro_step_hidden`] or [`micro_step_cached`] of one micro-batch; the hidden term
-    /// needs the model (the config refuses it with a cache).
-    #[allow(clippy::too_many_arguments)]
+    /// [`micro_step`] or [`micro_step_cached`] of one micro-batch; the hidden term needs the
+    /// model (the config refuses it with a cache).
     pub fn micro_step(
         &self,
         lm: &CausalLm<B>,
         rope: &Rope<B>,
         batch: &Batch<B>,
-        loss: &KdLoss,
-        hidden: Option<&HiddenTerm>,
-        count: usize,
         settings: StepSettings,
     ) -> Result<MicroStep<B>> {
         match self {
-            Teacher::Model(teacher) => Ok(micro_step_hidden(
-                lm, rope, teacher, batch, loss, hidden, count, settings,
-            )),
+            Teacher::Model(teacher) => Ok(micro_step(lm, rope, teacher, batch, settings)),
             Teacher::Cache(cache) => {
                 let device = batch.ids.device();
-                let (ids, logprobs) = cache.rows::<B>(&batch.keys, loss.top_k, &device)?;
+                let top_k = settings.loss.top_k;
+                let (ids, logprobs) = cache.rows::<B>(&batch.keys, top_k, &device)?;
                 if ids.dims()[0] != batch.count {
                     bail!(
                         "{}: the teacher cache's entries do not fit this run's sequences ({} rows for {} counted positions)",
@@ -47,9 +40,7 @@ impl<B: AutodiffBackend> Teacher<B> {
                         batch.count
                     );
                 }
-                Ok(micro_step_cached(
-                    lm, rope, ids, logprobs, batch, loss, count, settings,
-                ))
+                Ok(micro_step_cached(lm, rope, ids, logprobs, batch, settings))
             }
         }
     }

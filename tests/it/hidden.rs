@@ -11,10 +11,9 @@ use burn::tensor::Tensor;
 use laco_train::data::batch::Sequence;
 use laco_train::kernels;
 use laco_train::model::chunk::predicting_rows;
-use laco_train::model::Rows;
 use laco_train::train::hidden::{distance_sum, HiddenDistance, HiddenTerm};
 use laco_train::train::loss::{counted_layers, Divergence};
-use laco_train::train::step::{micro_step, micro_step_hidden, MicroStep};
+use laco_train::train::step::{micro_step, MicroStep, StepSettings};
 use std::cell::Cell;
 
 /// Student layers 1, 4 and 7 against the teacher's 3, 4 and 7 (student and teacher are the tiny
@@ -39,16 +38,12 @@ fn fused(
         |dev| batch(seqs, packed, dev),
         0.0,
         |lm, rope, teacher, batch| {
-            let step = micro_step_hidden(
-                lm,
-                rope,
-                teacher,
-                batch,
-                &kd(Divergence::ForwardKl),
-                Some(term),
-                batch.count,
-                settings(recompute),
-            );
+            let cfg = kd(Divergence::ForwardKl);
+            let with_term = StepSettings {
+                hidden: Some(term),
+                ..settings(&cfg, batch.count, recompute)
+            };
+            let step = micro_step(lm, rope, teacher, batch, with_term);
             hidden.set(scalar(step.sums.clone().slice(3..4)));
             step
         },
@@ -64,9 +59,8 @@ fn reference(seqs: &[Sequence], packed: bool, term: &HiddenTerm) -> ((f32, Adapt
         |dev| batch(seqs, packed, dev),
         0.0,
         |lm, rope, teacher, batch| {
-            let count = batch.count;
             let cfg = kd(Divergence::ForwardKl);
-            micro_step(lm, rope, teacher, batch, &cfg, count, settings(false))
+            micro_step(lm, rope, teacher, batch, settings(&cfg, batch.count, false))
         },
     );
     let hidden = Cell::new(f32::NAN);
@@ -74,22 +68,10 @@ fn reference(seqs: &[Sequence], packed: bool, term: &HiddenTerm) -> ((f32, Adapt
         |dev| batch(seqs, packed, dev),
         0.0,
         |lm, rope, teacher, batch| {
-            let t_padding = batch.padding.clone().map(|p| p.inner());
             let teacher_layers: Vec<usize> = term.pairs.iter().map(|p| p.1).collect();
-            let (_, targets) = counted_layers(
-                &teacher.lm,
-                &teacher.rope,
-                batch.ids.clone().inner(),
-                t_padding.as_ref(),
-                batch.segments.as_ref(),
-                batch.rows.clone().inner(),
-                &teacher_layers,
-            );
-            let rows = match &batch.segments {
-                Some(s) => Rows::Packed(s),
-                None => Rows::Padded(batch.padding.as_ref()),
-            };
-            let (mut x, pass) = lm.begin(batch.ids.clone(), rope, rows);
+            let (_, targets) =
+                counted_layers(&teacher.lm, &teacher.rope, &batch.inner(), &teacher_layers);
+            let (mut x, pass) = lm.begin(batch.ids.clone(), rope, batch.layout());
             let mut sum = Tensor::<A, 1>::zeros([1], &x.device());
             for (l, layer) in lm.model.layers.iter().enumerate() {
                 x = layer.run(x, rope, &pass);
@@ -162,9 +144,8 @@ fn hidden_term_changes_the_gradients() {
         |dev| batch(&seqs, packed, dev),
         0.0,
         |lm, rope, teacher, batch| {
-            let count = batch.count;
             let cfg = kd(Divergence::ForwardKl);
-            micro_step(lm, rope, teacher, batch, &cfg, count, settings(false))
+            micro_step(lm, rope, teacher, batch, settings(&cfg, batch.count, false))
         },
     );
     let diff = max_abs_diff(&with.1[0].1, &without.1[0].1);

@@ -257,19 +257,13 @@ fn kd_distance<A: burn::tensor::backend::AutodiffBackend>(dev: &A::Device) -> f6
         ..KdLoss::default()
     };
     let step = StepSettings {
+        loss: &cfg,
+        hidden: None,
+        count: batch.count,
         recompute: false,
         seed: 0,
     };
-    let sums = micro_step(
-        &lm,
-        &student.rope,
-        &teacher,
-        &batch,
-        &cfg,
-        batch.count,
-        step,
-    )
-    .sums;
+    let sums = micro_step(&lm, &student.rope, &teacher, &batch, step).sums;
     let sums: Vec<f64> = sums.into_data().iter::<f64>().collect();
     let (kd, ce) = (sums[1], sums[2]);
     let want_kd = g["kd"]["T=1.0"]["forward_kl_x_T2"].as_f64().unwrap();

@@ -14,7 +14,7 @@ use burn::tensor::{Int, Tensor};
 use laco_train::data::batch::{Batch, Sequence};
 use laco_train::kernels;
 use laco_train::model::chunk::row_chunks;
-use laco_train::train::loss::{batch_hidden, chunk_sums, counted_hidden, Divergence, LossSums};
+use laco_train::train::loss::{batch_hidden, chunk_sums, Divergence, LossSums};
 use laco_train::train::step::{micro_step, MicroStep};
 
 /// Four sequences as right-padded rows, and packed into two rows.
@@ -47,20 +47,18 @@ pub fn step_on<T: AutodiffBackend>(
     dropout: f64,
     recompute: bool,
 ) -> (f32, AdapterGrads) {
+    let cfg = kd(divergence);
     loss_and_grads_on::<T>(
         dev,
         |dev| batch(seqs, packed, dev),
         dropout,
         |lm, rope, teacher, batch| {
-            let count = batch.count;
             micro_step(
                 lm,
                 rope,
                 teacher,
                 batch,
-                &kd(divergence),
-                count,
-                settings(recompute),
+                settings(&cfg, batch.count, recompute),
             )
         },
     )
@@ -121,15 +119,7 @@ fn one_graph(seqs: &[Sequence], packed: bool, divergence: Divergence) -> (f32, A
         |dev| batch::<A>(seqs, packed, dev),
         0.0,
         |lm, rope, teacher, batch| {
-            let t_padding = batch.padding.clone().map(|p| p.inner());
-            let t_hidden = counted_hidden(
-                &teacher.lm,
-                &teacher.rope,
-                batch.ids.clone().inner(),
-                t_padding.as_ref(),
-                batch.segments.as_ref(),
-                batch.rows.clone().inner(),
-            );
+            let t_hidden = batch_hidden(&teacher.lm, &teacher.rope, &batch.inner());
             let hidden = batch_hidden(lm, rope, batch);
             let mut total: Option<LossSums<A>> = None;
             for r in row_chunks(batch.count, 7) {

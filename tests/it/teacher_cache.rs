@@ -101,26 +101,15 @@ fn a_cached_step_equals_an_online_top_k_step_packed_or_not() {
                 rope,
                 teacher,
                 batch,
-                &cfg_loss,
-                batch.count,
-                settings(false),
+                settings(&cfg_loss, batch.count, false),
             )
         });
         let cached = loss_and_grads_with(first, 0.0, |lm, rope, _, batch| {
             let (ids, logprobs) = cache
                 .rows::<A>(&batch.keys, 16, &batch.ids.device())
                 .unwrap();
-            let count = batch.count;
-            micro_step_cached(
-                lm,
-                rope,
-                ids,
-                logprobs,
-                batch,
-                &cfg_loss,
-                count,
-                settings(false),
-            )
+            let cached = settings(&cfg_loss, batch.count, false);
+            micro_step_cached(lm, rope, ids, logprobs, batch, cached)
         });
         assert_same(&format!("packing {packing}"), cached, online, 1e-5);
     }

@@ -104,9 +104,13 @@ pub fn loss_and_grads_on<T: AutodiffBackend>(
     (loss, out)
 }
 
-/// The settings of a micro-batch step: layers kept or recomputed, a fixed seed.
-pub fn settings(recompute: bool) -> StepSettings {
+/// The settings of a micro-batch step: the loss `loss` divided by `count`, no hidden term,
+/// layers kept or recomputed, a fixed seed.
+pub fn settings(loss: &KdLoss, count: usize, recompute: bool) -> StepSettings<'_> {
     StepSettings {
+        loss,
+        hidden: None,
+        count,
         recompute,
         seed: 0x5EED,
     }
@@ -117,16 +121,9 @@ pub fn loss_and_grads_of(
     batch: impl FnOnce(&burn::tensor::Device<A>) -> Batch<A>,
     divergence: Divergence,
 ) -> (f32, AdapterGrads) {
+    let cfg = kd(divergence);
     loss_and_grads_with(batch, 0.0, |lm, rope, teacher, batch| {
-        micro_step(
-            lm,
-            rope,
-            teacher,
-            batch,
-            &kd(divergence),
-            batch.count,
-            settings(false),
-        )
+        micro_step(lm, rope, teacher, batch, settings(&cfg, batch.count, false))
     })
 }
 
