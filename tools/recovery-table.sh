@@ -5,12 +5,14 @@
 # perplexity beside the recovered one, on two texts no run trains on: Hamlet (the training
 # data's domain) and Milton's Areopagitica (prose outside it). Prints a Markdown table.
 #
-#   tools/recovery-table.sh [BUDGET (15m)] [VARIANTS (all of them)] [DEPTHS ("config 22")]
+#   tools/recovery-table.sh [BUDGET (15m)] [VARIANTS (all of them)] [DEPTHS ("config 22i3")]
 #
 # Depths: `config` prunes with the config's [laco] settings (SmolLM2-135M: 30 -> 26 layers); a
 # number N prunes to N layers with `--merge-mode last --threshold 0 --max-compression F`, F the
-# share of the layers to remove (22 of 30: 0.27). Pruning is not counted in the budget: each
-# depth is pruned once into OUT/DEPTH/student.
+# share of the layers to remove (22 of 30: 0.27), and the config's interval; NiK the same with
+# `--interval K` (22i3: four disjoint merges of three layers, where interval 2 collapses layers
+# 19-27 into one). Pruning is not counted in the budget: each depth is pruned once into
+# OUT/DEPTH/student.
 #
 # Variants (each a set of config edits, SECTION.KEY=VALUE):
 #   logits              today's recipe: KD on the logits and CE
@@ -19,6 +21,9 @@
 #   topk-online         top-64 forward KL from the online teacher (the control of the teacher
 #                       cache's recovery)
 #   lr-X, r-N, seq-256  learning rate, LoRA rank (alpha = 2r), 256-token sequences at 4 a step
+#   prose               the bundled instruction files plus datasets/text-format-prose.parquet
+#                       (encyclopedia and King James prose, tools/make-prose-mix.py), a third each
+#   A+B                 the edits of A and of B (e.g. lr-1e-3+prose)
 # MODEL=dir (default ./smollm2-135m, made by tools/fetch-smollm2.sh), CONFIG=file (default
 # configs/smollm2-135m.toml), OUT=dir (default runs/recovery-table), BIN (default
 # target/release/laco-train), EVAL_TOKENS (default 4096), MMLU_LIMIT (output.mmlu_limit; default:
@@ -28,8 +33,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 BUDGET=${1:-15m}
-VARIANTS=${2:-"logits hidden-1-all hidden-1-merged hidden-1-last hidden-0.3-all hidden-3-all hidden-1-all-mse topk-online lr-1e-3 lr-2e-4 r-16 r-64 seq-256"}
-DEPTHS=${3:-"config 22"}
+VARIANTS=${2:-"logits hidden-1-all hidden-1-merged hidden-1-last hidden-0.3-all hidden-3-all hidden-1-all-mse topk-online lr-5e-4 lr-2e-3 r-16 r-64 seq-256 prose"}
+DEPTHS=${3:-"config 22i3"}
 MODEL=${MODEL:-smollm2-135m}
 CONFIG=${CONFIG:-configs/smollm2-135m.toml}
 OUT=${OUT:-runs/recovery-table}
@@ -41,9 +46,10 @@ OUT_DOMAIN=$PWD/datasets/text_milton_areopagitica.txt
 [ "$MODEL" != smollm2-135m ] || [ -f smollm2-135m/config.json ] || tools/fetch-smollm2.sh smollm2-135m
 mkdir -p "$OUT"
 
-# The edits of a variant, one SECTION.KEY=VALUE a line.
+# The edits of a variant, one SECTION.KEY=VALUE a line; A+B: A's, then B's.
 edits() {
   case $1 in
+    *+*) edits "${1%%+*}"; edits "${1#*+}" ;;
     logits) ;;
     hidden-1-all-mse) printf 'loss.hidden_weight=1.0\nloss.hidden_distance="mse"\n' ;;
     hidden-*-all|hidden-*-merged|hidden-*-last) w=${1#hidden-}; printf 'loss.hidden_weight=%s\nloss.hidden_layers="%s"\n' "${w%-*}" "${w#*-}" ;;
@@ -51,6 +57,7 @@ edits() {
     lr-*) printf 'optim.lr=%s\n' "${1#lr-}" ;;
     r-*) printf 'lora.r=%s\nlora.alpha=%s.0\n' "${1#r-}" "$((2 * ${1#r-}))" ;;
     seq-256) printf 'data.max_seq_len=256\noptim.batch_size=4\n' ;;
+    prose) printf 'data.files=["%s/datasets/alpaca-format-shakespeare.parquet", "%s/datasets/openorca-format-shakespeare.parquet", "%s/datasets/text-format-prose.parquet"]\ndata.weights=[1.0, 1.0, 1.0]\n' "$PWD" "$PWD" "$PWD" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
@@ -98,8 +105,10 @@ for depth in $DEPTHS; do
       "$BIN" prune --model "$MODEL" --config "$dir/prune.toml" --out "$student" >/dev/null 2>&1
     else
       layers=$(python3 -c "import json; print(json.load(open('$MODEL/config.json'))['num_hidden_layers'])")
-      share=$(python3 -c "print(($layers - $depth) / $layers + 1e-9)")
-      "$BIN" prune --model "$MODEL" --config "$dir/prune.toml" --merge-mode last --threshold 0 --max-compression "$share" --out "$student" >/dev/null 2>&1
+      share=$(python3 -c "print(($layers - ${depth%i*}) / $layers + 1e-9)")
+      case $depth in *i*) interval="--interval ${depth#*i}" ;; *) interval= ;; esac
+      # shellcheck disable=SC2086
+      "$BIN" prune --model "$MODEL" --config "$dir/prune.toml" --merge-mode last --threshold 0 --max-compression "$share" $interval --out "$student" >/dev/null 2>&1
     fi
   fi
   got=$(python3 -c "import json; print(json.load(open('$student/config.json'))['num_hidden_layers'])")

@@ -76,6 +76,29 @@ fn openorca_is_system_prompt_and_question_then_response() {
 }
 
 #[test]
+fn the_bundled_prose_is_plain_text_trained_whole() {
+    // datasets/text-format-prose.parquet (tools/make-prose-mix.py): Britannica and King James
+    // passages, every token a target, none of the scan's page markers or editor notes left.
+    let mut rows = Vec::new();
+    let format = read_examples(&dataset("text-format-prose.parquet"), |ex| {
+        rows.push(ex);
+        true
+    })
+    .unwrap();
+    assert_eq!(format.format, Format::Text);
+    assert_eq!((format.read, format.skipped), (2452, 0));
+    assert!(rows.iter().all(|ex| ex.prompt.is_empty()));
+    assert!(rows[0]
+        .response
+        .starts_with("Shakespeare, William (1564--1616)"));
+    assert!(rows[2451]
+        .response
+        .ends_with("through Jesus Christ for ever. Amen."));
+    let noisy = |t: &str| t.contains("###") || t.contains("p.77") || t.contains("[[ed:");
+    assert!(!rows.iter().any(|ex| noisy(&ex.response)));
+}
+
+#[test]
 fn prompt_tokens_are_not_trained_and_eos_is_appended() {
     let tok = Tokenizer::from_file(&fixture("tiny-qwen3/tokenizer.json")).unwrap();
     let ex = Example {
