@@ -53,18 +53,21 @@ def sentences(path):
 
 
 def clean(s):
-    """False for the scan's OCR noise (tables, plates): a sentence of mostly plain characters."""
+    """True for a sentence of mostly plain characters; false for the scan's OCR noise (tables,
+    plates)."""
     plain = sum(c.isalnum() or c in " ,.;:'()-!?\"" for c in s)
     return len(s) > 0 and plain / len(s) >= 0.97
 
 
 def passages(units, words):
-    cur = []
+    cur, n = [], 0
     for u in units:
-        if cur and len(" ".join(cur + [u]).split()) > words:
+        k = len(u.split())
+        if cur and n + k > words:
             yield " ".join(cur)
-            cur = []
+            cur, n = [], 0
         cur.append(u)
+        n += k
     if cur:
         yield " ".join(cur)
 
