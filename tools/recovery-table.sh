@@ -21,8 +21,11 @@
 #   topk-online         top-64 forward KL from the online teacher (the control of the teacher
 #                       cache's recovery)
 #   lr-X, r-N, seq-256  learning rate, LoRA rank (alpha = 2r), 256-token sequences at 4 a step
-#   prose               the bundled instruction files plus datasets/text-format-prose.parquet
-#                       (encyclopedia and King James prose, tools/make-prose-mix.py), a third each
+#   kd-X                loss.alpha = X: X KD + (1 - X) CE (the config's: 0.5)
+#   drop-0              no LoRA dropout (the config's: 0.05)
+#   prose               CONFIG's data files plus datasets/text-format-prose.parquet (encyclopedia
+#                       and King James prose, tools/make-prose-mix.py) at the mean of their weights
+#                       (with the two bundled instruction files: a third each)
 #   A+B                 the edits of A and of B (e.g. lr-1e-3+prose)
 # MODEL=dir (default ./smollm2-135m, made by tools/fetch-smollm2.sh), CONFIG=file (default
 # configs/smollm2-135m.toml), OUT=dir (default runs/recovery-table), BIN (default
@@ -57,15 +60,18 @@ edits() {
     lr-*) printf 'optim.lr=%s\n' "${1#lr-}" ;;
     r-*) printf 'lora.r=%s\nlora.alpha=%s.0\n' "${1#r-}" "$((2 * ${1#r-}))" ;;
     seq-256) printf 'data.max_seq_len=256\noptim.batch_size=4\n' ;;
-    prose) printf 'data.files=["%s/datasets/alpaca-format-shakespeare.parquet", "%s/datasets/openorca-format-shakespeare.parquet", "%s/datasets/text-format-prose.parquet"]\ndata.weights=[1.0, 1.0, 1.0]\n' "$PWD" "$PWD" "$PWD" ;;
+    kd-*) printf 'loss.alpha=%s\n' "${1#kd-}" ;;
+    drop-0) printf 'lora.dropout=0.0\n' ;;
+    prose) printf 'data.files+="%s/datasets/text-format-prose.parquet"\n' "$PWD" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
 
 # CONFIG with absolute paths, the model, no periodic evaluation, and the edits $2 into file $1.
+# `data.files+=FILE` appends FILE to the list, and to data.weights the mean of its weights.
 config() {
   python3 - "$CONFIG" "$PWD" "$MODEL" "$EVAL_TOKENS" "$MMLU_LIMIT" "$1" "${2:-}" <<'EOF'
-import re, sys
+import json, re, sys
 path, root, model, tokens, mmlu, out, extra = sys.argv[1:]
 text = open(path).read().replace('"../', f'"{root}/')
 model = model if model.startswith("/") else f"{root}/{model}"
@@ -73,6 +79,19 @@ edits = [("model.base", f'"{model}"'), ("output.eval_every", "0"), ("output.eval
 if mmlu:
     edits.append(("output.mmlu_limit", mmlu))
 edits += [tuple(l.split("=", 1)) for l in extra.split("\n") if l]
+
+def value_of(section, name):
+    body = re.search(rf"^\[{section}\][^\n]*\n((?:(?!\[)[^\n]*\n?)*)", text, re.M).group(1)
+    found = re.search(rf"^{name}\s*=\s*(\[[^\]]*\])", body, re.M)
+    return json.loads(found.group(1)) if found else None
+
+for key, value in list(edits):
+    if key.endswith("+"):
+        files = value_of("data", "files")
+        weights = value_of("data", "weights") or [1.0] * len(files)
+        edits.remove((key, value))
+        edits += [("data.files", json.dumps(files + [json.loads(value)])),
+                  ("data.weights", json.dumps(weights + [sum(weights) / len(weights)]))]
 for key, value in edits:
     section, name = key.split(".")
     head = re.search(rf"^\[{section}\][^\n]*\n", text, re.M)
