@@ -6,7 +6,7 @@
 //! - `train` (the distillation recipe), `prune` (LaCo), `eval` (perplexity, MMLU, zero-shot),
 //!   `export` (an adapter merged into its model)
 //! - `data` (Parquet instruction data, batches), `model` (the decoder architecture)
-//! - `hf` (Hugging Face file formats), `kernels` (CPU kernels on Flex), `device` (backends),
+//! - `hf` (Hugging Face file formats), `kernels` (CPU kernels on Flex, cubecl kernels on the GPU backends), `device` (backends),
 //!   `dist` (ranks of a launched job, their collectives), `util` (atomic writes, progress bars)
 
 pub mod cli;

@@ -7,6 +7,10 @@
 #
 #   tools/recovery-table.sh [BUDGET (15m)] [VARIANTS (all of them)] [DEPTHS ("config 22i3")]
 #
+# BUDGET is wall time (`distill --max-time`), or a number of steps (`--max-steps`): variants
+# whose steps cost the same compared at equal steps, free of how loaded the machine was while
+# a timed run measured its first steps.
+#
 # Depths: `config` prunes with the config's [laco] settings (SmolLM2-135M: 30 -> 26 layers); a
 # number N prunes to N layers with `--merge-mode last --threshold 0 --max-compression F`, F the
 # share of the layers to remove (22 of 30: 0.27), and the config's interval; NiK the same with
@@ -36,6 +40,10 @@
 set -eu
 cd "$(dirname "$0")/.."
 BUDGET=${1:-15m}
+case $BUDGET in
+  *[!0-9]*) budget="--max-time $BUDGET" ;;
+  *) budget="--max-steps $BUDGET" ;;
+esac
 VARIANTS=${2:-"logits hidden-1-all hidden-1-merged hidden-1-last hidden-0.3-all hidden-3-all hidden-1-all-mse topk-online lr-5e-4 lr-2e-3 r-16 r-64 seq-256 prose"}
 DEPTHS=${3:-"config 22i3"}
 MODEL=${MODEL:-smollm2-135m}
@@ -136,7 +144,8 @@ for depth in $DEPTHS; do
     cfg=$dir/$variant.toml
     config "$cfg" "$(edits "$variant")"
     run=$dir/$variant
-    "$BIN" distill --config "$cfg" --student "$student" --max-time "$BUDGET" --save-every 0 --force --out "$run" --json 2>"$run.log" | tail -1 > "$run.json"
+    # shellcheck disable=SC2086
+    "$BIN" distill --config "$cfg" --student "$student" $budget --save-every 0 --force --out "$run" --json 2>"$run.log" | tail -1 > "$run.json"
     recovered_out=$(ppl_of "$OUT_DOMAIN" --model "$student" --adapter "$run/adapter")
     json "f'| {$got} | $variant | {d[\"steps\"]} | {d[\"ppl_teacher\"]:.2f} / {d[\"ppl_student\"]:.2f} / {d[\"ppl_recovered\"]:.2f} ({d[\"ppl_recovered\"] / d[\"ppl_teacher\"]:.2f}x) | $teacher_out / $pruned_out / $recovered_out ({$recovered_out / $teacher_out:.2f}x) | {d[\"tokens_per_sec\"]:.0f} |'" < "$run.json"
   done

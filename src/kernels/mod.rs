@@ -14,10 +14,15 @@
 //! - [`top_k_logprobs`], [`top_k_kd_ce_sums`]: a teacher's top-k tokens and log-probabilities,
 //!   and the top-k forward KL + CE against them, its gradient in one pass
 //!
+//! With the `cuda` or `wgpu` feature, [`cube_attention`] is the student's flash attention on
+//! burn's GPU backends in training (cubecl kernels, `cube/`).
+//!
 //! [`with_generic_ops`] switches them all off for the current thread, so tests can compare
 //! both paths on the same backend.
 
 mod attention;
+#[cfg(feature = "cube-kernels")]
+mod cube;
 mod flex;
 mod gemm;
 mod kd;
@@ -32,7 +37,7 @@ pub use pointwise::{logsumexp, rms_norm, rope, silu_mul};
 pub use projection::{linear, matmul_t, Adapter};
 pub use topk::{top_k_kd_ce_sums, top_k_logprobs};
 
-use burn::tensor::{backend::Backend, DType};
+use burn::tensor::{backend::Backend, DType, Int, Tensor};
 use std::cell::Cell;
 
 thread_local! {
@@ -60,4 +65,39 @@ fn enabled() -> bool {
 /// its masks as key-padding flags instead of additive tensors).
 pub fn fused_attention<B: Backend>(dtype: DType) -> bool {
     flex::inference::<B>(dtype) || flex::training::<B>(dtype)
+}
+
+/// Whether [`cube_attention`] runs for training tensors of backend `B` (the model then builds
+/// its masks as per-key integers on the device).
+pub fn cube_attention_runs<B: Backend>() -> bool {
+    #[cfg(feature = "cube-kernels")]
+    {
+        cube::training::<B>()
+    }
+    #[cfg(not(feature = "cube-kernels"))]
+    {
+        false
+    }
+}
+
+/// Causal attention on burn's GPU backends in training, as one autodiff node over cubecl
+/// kernels: `q` `[batch, seq, heads, head_dim]` (rotated, scaled), `k` and `v`
+/// `[batch, kv_heads, keys, head_dim]`, `keys` `[batch, keys]` per key its sequence's first
+/// position (packed rows) or -1 on padding (`None`: every key up to the query); returns
+/// `[batch, seq, heads * head_dim]`, or `None` where [`cube_attention_runs`] does not hold.
+pub fn cube_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    keys: Option<&Tensor<B, 2, Int>>,
+) -> Option<Tensor<B, 3>> {
+    #[cfg(feature = "cube-kernels")]
+    {
+        cube::attention(q, k, v, keys)
+    }
+    #[cfg(not(feature = "cube-kernels"))]
+    {
+        let _ = (q, k, v, keys);
+        None
+    }
 }

@@ -152,6 +152,11 @@ impl<B: Backend> Attention<B> {
                 let out = fused(q, k, v, mask.as_ref(), *causal);
                 return self.o_proj.forward(out);
             }
+            Mask::Cube(keys) => {
+                let out = kernels::cube_attention(q, k, v, keys.as_ref())
+                    .expect("Mask::Cube is only chosen where kernels::cube_attention_runs holds");
+                return self.o_proj.forward(out);
+            }
             Mask::Segments(first) => {
                 let out = kernels::attention(q, k, v, KeyMask::Segments(first))
                     .expect("Mask::Segments is only chosen where kernels::fused_attention holds");

@@ -4,7 +4,7 @@
 //! kernels, burn's fused attention, or the generic tensor ops' additive mask.
 
 use crate::kernels;
-use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
 /// The keys a forward pass's queries see.
 pub enum Keys<'a, B: Backend> {
@@ -38,16 +38,22 @@ pub enum Mask<B: Backend> {
     /// For [`kernels::attention`] on packed rows: per key the index of its sequence's first key
     /// within the row (`batch * keys`); a query sees its own sequence's keys up to itself.
     Segments(Vec<usize>),
+    /// For [`kernels::cube_attention`] (training on the GPU backends), on the device:
+    /// `[batch, keys]`, per key its sequence's first key (packed rows) or -1 on padding;
+    /// `None` when only the causal mask applies.
+    Cube(Option<Tensor<B, 2, Int>>),
 }
 
 impl<B: Backend> Mask<B> {
     /// The mask of `keys` for the attention path this pass runs, decided once for all its
     /// layers: the CPU kernels where they run (`dtype` on Flex, kernels on); else, without
-    /// autodiff (teacher, evaluation, generation), burn's fused attention; else (training on
-    /// another backend) tensor ops with an additive mask over `heads` heads.
+    /// autodiff (teacher, evaluation, generation), burn's fused attention; else the cubecl
+    /// kernels where they run (training on CUDA or wgpu); else (training on another backend)
+    /// tensor ops with an additive mask over `heads` heads.
     pub fn new(keys: Keys<'_, B>, heads: usize, dtype: DType, device: &B::Device) -> Self {
         let kernels = kernels::fused_attention::<B>(dtype);
         let burn = !B::ad_enabled(device);
+        let cube = kernels::cube_attention_runs::<B>();
         match keys {
             Keys::Causal {
                 start,
@@ -58,6 +64,8 @@ impl<B: Backend> Mask<B> {
                     Self::Fused(key_padding.map(|p| p.clone().into_data().iter::<bool>().collect()))
                 } else if burn {
                     Self::burn(start, seq, key_padding, device)
+                } else if cube {
+                    Self::Cube(key_padding.map(|p| p.clone().int().neg()))
                 } else {
                     Self::Additive(attention_mask::<B>(start, seq, heads, key_padding, device))
                 }
@@ -67,6 +75,13 @@ impl<B: Backend> Mask<B> {
                     Self::Segments(first)
                 } else if burn {
                     Self::burn_segments(&first, seq, device)
+                } else if cube {
+                    let batch = first.len() / seq;
+                    let first: Vec<i64> = first.iter().map(|&f| f as i64).collect();
+                    Self::Cube(Some(Tensor::from_data(
+                        TensorData::new(first, [batch, seq]),
+                        device,
+                    )))
                 } else {
                     Self::Additive(Some(segment_mask::<B>(&first, seq, heads, device)))
                 }

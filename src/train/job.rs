@@ -272,7 +272,8 @@ impl Job for DistillJob {
             .activation_checkpointing
             .unwrap_or(!kernels_train);
         let world = crate::dist::world();
-        self.memory_plan(dtype.size(), recompute, kernels_train)?;
+        let flash = kernels::cube_attention_runs::<Autodiff<B>>();
+        self.memory_plan(dtype.size(), recompute, kernels_train, flash)?;
         std::fs::create_dir_all(&self.run_dir)
             .with_context(|| format!("{}: cannot create", self.run_dir.display()))?;
         let student = match self.student {
@@ -338,7 +339,13 @@ impl DistillJob {
     /// Prints the memory plan (see [`super::memory`]) before any weights load; on a GPU, a plan
     /// that exceeds the device's memory is an error. The student's layers are its own when it
     /// exists, else the base model's (LaCo's result is not known before it runs).
-    fn memory_plan(&self, elem_bytes: usize, recompute: bool, kernels: bool) -> Result<()> {
+    fn memory_plan(
+        &self,
+        elem_bytes: usize,
+        recompute: bool,
+        kernels: bool,
+        flash: bool,
+    ) -> Result<()> {
         let teacher = ModelConfig::from_dir(&self.teacher)?;
         let student = self
             .student
@@ -358,6 +365,7 @@ impl DistillJob {
             dropout: lora.dropout > 0.0,
             recompute,
             kernels,
+            flash,
         };
         let plan = MemoryPlan::new(&teacher, student_layers, shape);
         let gpu = current_gpu();

@@ -12,7 +12,8 @@
 //! - attention: q and k for the scores, v for the output, and three `[batch, heads, seq, keys]`
 //!   tensors (the scores, which the softmax's row maximum keeps for its backward pass, the
 //!   exponentials and the probabilities); a padded batch's causal blocks see every key, so
-//!   `keys = seq`
+//!   `keys = seq`. With the flash attention of the GPU backends ([`crate::kernels::cube_attention`])
+//!   none of them: one f32 log-sum-exp per query and head, and no additive mask
 //! - SwiGLU: the sigmoid, the gate, the SiLU output and the up projection (`4 x intermediate`)
 //!
 //! Kept, every layer's activations stay until the backward pass; with layer recompute
@@ -42,6 +43,8 @@ pub struct Shape {
     pub recompute: bool,
     /// The CPU training kernels run (the plan counts the generic path; it says so).
     pub kernels: bool,
+    /// The student's attention is the GPU backends' flash kernel (no `[seq, keys]` tensors).
+    pub flash: bool,
 }
 
 /// The plan's terms in bytes.
@@ -83,10 +86,12 @@ impl MemoryPlan {
             + (nh + nkv) * d
             + (nh + 2 * nkv) * d
             + 4 * i;
-        let scores = 3 * b * nh * t * t;
-        let per_layer = (tokens * width + scores) * e;
+        let per_layer = match s.flash {
+            true => tokens * width * e + b * nh * t * 4,
+            false => (tokens * width + 3 * b * nh * t * t) * e,
+        };
         // The additive mask of a padded batch, once per forward pass.
-        let mask = b * nh * t * t * e;
+        let mask = if s.flash { 0 } else { b * nh * t * t * e };
         let activations = match s.recompute {
             // Each layer's input, one layer's activations, and the gradient passed between
             // layers (two of them while a layer runs its backward pass).
@@ -197,6 +202,7 @@ mod tests {
             dropout: true,
             recompute: false,
             kernels: false,
+            flash: false,
         };
         let plan = MemoryPlan::new(&cfg, 26, shape);
         // Qwen3-8B has 8.19 B parameters: 16.4 GB in bf16.
@@ -217,7 +223,7 @@ mod tests {
     fn layer_recompute_fits_the_flagship_on_one_h200_at_16_x_2048() {
         let cfg = qwen3_8b();
         for (batch, seq) in [(8, 1024), (16, 2048)] {
-            let plan = |recompute| {
+            let plan = |recompute, flash| {
                 let shape = Shape {
                     batch,
                     seq,
@@ -227,12 +233,21 @@ mod tests {
                     dropout: true,
                     recompute,
                     kernels: false,
+                    flash,
                 };
                 MemoryPlan::new(&cfg, 26, shape)
             };
-            let (kept, recomputed) = (plan(false), plan(true));
+            let (kept, recomputed, flash) = (plan(false, false), plan(true, false), plan(true, true));
             kept.print(&format!("{batch} x {seq}, layers kept"), None);
             recomputed.print(&format!("{batch} x {seq}, layers recomputed"), None);
+            flash.print(&format!("{batch} x {seq}, recomputed, flash attention"), None);
+            // Flash attention drops one layer's three [batch, heads, seq, seq] tensors (bf16)
+            // and the additive mask, and adds one f32 per query and head.
+            let (b, t) = (batch as u64, seq as u64);
+            assert_eq!(
+                recomputed.terms[3].1 - flash.terms[3].1,
+                4 * b * 32 * t * t * 2 - b * 32 * t * 4
+            );
             // Weights, adapters, teacher and loss are the same; the activations shrink from 26
             // layers' to one layer's plus 26 inputs.
             assert_eq!(kept.terms[0].1, recomputed.terms[0].1);

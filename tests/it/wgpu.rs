@@ -10,8 +10,9 @@ use crate::recompute::{batches, step_on};
 use crate::train_kernels::assert_same;
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::Autodiff;
-use burn::tensor::{set_default_dtypes, FloatDType, IntDType};
+use burn::tensor::{set_default_dtypes, FloatDType, IntDType, Tensor, TensorData};
 use laco_train::device::Wgpu;
+use laco_train::kernels::{self, KeyMask};
 use laco_train::train::loss::Divergence;
 
 #[test]
@@ -60,6 +61,110 @@ fn wgpu_f16_child() {
         "{d:?}"
     );
     assert!(d.ppl <= 1e-4 && d.mmlu <= 6e-3 && d.kd <= 3e-4, "{d:?}");
+}
+
+/// What one attention call gives: its output and the gradients of q, k and v of
+/// `sum(out * weights)`.
+type Attended = [Vec<f32>; 4];
+
+/// Seeded values in [-2, 2) (scores large enough that the softmax is far from uniform).
+fn values(n: usize, salt: u64) -> Vec<f32> {
+    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect()
+}
+
+/// `attend` on backend `A` with inputs `q` `[batch, seq, heads, d]` (scaled inside),
+/// `k` and `v` `[batch, kv_heads, seq, d]` made from [`values`].
+fn attended<A: burn::tensor::backend::AutodiffBackend>(
+    dev: &A::Device,
+    [batch, seq, heads, kv_heads, d]: [usize; 5],
+    attend: impl FnOnce(Tensor<A, 4>, Tensor<A, 4>, Tensor<A, 4>) -> Tensor<A, 3>,
+) -> Attended {
+    let t = |shape: [usize; 4], salt| {
+        let n = shape.iter().product();
+        Tensor::<A, 4>::from_data(TensorData::new(values(n, salt), shape), dev).require_grad()
+    };
+    let q = t([batch, seq, heads, d], 1);
+    let k = t([batch, kv_heads, seq, d], 2);
+    let v = t([batch, kv_heads, seq, d], 3);
+    let scaled = q.clone().mul_scalar(1.0 / (d as f64).sqrt());
+    let out = attend(scaled, k.clone(), v.clone());
+    let w = Tensor::<A, 3>::from_data(
+        TensorData::new(values(batch * seq * heads * d, 4), [batch, seq, heads * d]),
+        dev,
+    );
+    let grads = (out.clone() * w).sum().backward();
+    let flat = |t: Tensor<A::InnerBackend, 4>| t.into_data().to_vec::<f32>().unwrap();
+    [
+        out.into_data().to_vec::<f32>().unwrap(),
+        flat(q.grad(&grads).unwrap()),
+        flat(k.grad(&grads).unwrap()),
+        flat(v.grad(&grads).unwrap()),
+    ]
+}
+
+#[test]
+fn flash_attention_on_wgpu_matches_the_cpu_kernels() {
+    let (cpu, gpu) = (device(), WgpuDevice::DefaultDevice);
+    // The tiny model's heads, then head dims 64 and 128 with 1 to 8 KV heads; 37 positions
+    // (no power of two), two rows.
+    for [heads, kv_heads, d] in [[4, 2, 32], [8, 1, 64], [8, 8, 64], [8, 2, 128], [4, 4, 128]] {
+        let (batch, seq) = (2, 37);
+        // Row 0 whole, row 1 padded after 23 tokens; packed: runs of 10, 20, 7 and of 37.
+        let padding: Vec<bool> = (0..batch * seq).map(|i| i >= seq + 23).collect();
+        let first: Vec<usize> = (0..batch * seq)
+            .map(|i| match (i / seq, i % seq) {
+                (0, j) if j < 10 => 0,
+                (0, j) if j < 30 => 10,
+                (0, _) => 30,
+                _ => 0,
+            })
+            .collect();
+        let int = |v: Vec<i64>| {
+            Tensor::<Autodiff<Wgpu>, 2, burn::tensor::Int>::from_data(
+                TensorData::new(v, [batch, seq]),
+                &gpu,
+            )
+        };
+        let masks = [
+            ("causal", KeyMask::Causal, None),
+            (
+                "padded",
+                KeyMask::Padding(&padding),
+                Some(int(padding.iter().map(|&p| -(p as i64)).collect())),
+            ),
+            (
+                "packed",
+                KeyMask::Segments(&first),
+                Some(int(first.iter().map(|&f| f as i64).collect())),
+            ),
+        ];
+        for (what, cpu_mask, gpu_keys) in masks {
+            let shape = [batch, seq, heads, kv_heads, d];
+            let want = attended::<Autodiff<B>>(&cpu, shape, |q, k, v| {
+                kernels::attention(q, k, v, cpu_mask).expect("the CPU kernels run")
+            });
+            let got = attended::<Autodiff<Wgpu>>(&gpu, shape, |q, k, v| {
+                kernels::cube_attention(q, k, v, gpu_keys.as_ref()).expect("the cube kernels run")
+            });
+            for (name, (w, g)) in ["out", "dq", "dk", "dv"].iter().zip(want.iter().zip(&got)) {
+                let err = w
+                    .iter()
+                    .zip(g)
+                    .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+                    .fold(0f32, f32::max);
+                eprintln!("{heads}/{kv_heads} heads, d {d}, {what}: {name} {err:.2e}");
+                assert!(err <= 1e-4, "{heads}/{kv_heads} heads, d {d}, {what}: {name} {err}");
+            }
+        }
+    }
 }
 
 /// `bench` on the tiny model's golden LaCo student: losses of every step and the JSON line.
