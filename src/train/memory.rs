@@ -237,10 +237,14 @@ mod tests {
                 };
                 MemoryPlan::new(&cfg, 26, shape)
             };
-            let (kept, recomputed, flash) = (plan(false, false), plan(true, false), plan(true, true));
+            let (kept, recomputed, flash) =
+                (plan(false, false), plan(true, false), plan(true, true));
             kept.print(&format!("{batch} x {seq}, layers kept"), None);
             recomputed.print(&format!("{batch} x {seq}, layers recomputed"), None);
-            flash.print(&format!("{batch} x {seq}, recomputed, flash attention"), None);
+            flash.print(
+                &format!("{batch} x {seq}, recomputed, flash attention"),
+                None,
+            );
             // Flash attention drops one layer's three [batch, heads, seq, seq] tensors (bf16)
             // and the additive mask, and adds one f32 per query and head.
             let (b, t) = (batch as u64, seq as u64);

@@ -161,7 +161,10 @@ fn flash_attention_on_wgpu_matches_the_cpu_kernels() {
                     .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
                     .fold(0f32, f32::max);
                 eprintln!("{heads}/{kv_heads} heads, d {d}, {what}: {name} {err:.2e}");
-                assert!(err <= 1e-4, "{heads}/{kv_heads} heads, d {d}, {what}: {name} {err}");
+                assert!(
+                    err <= 1e-4,
+                    "{heads}/{kv_heads} heads, d {d}, {what}: {name} {err}"
+                );
             }
         }
     }

@@ -97,7 +97,12 @@ fn forward_kernel<F: Float, I: Int>(
     let vstep = v.stride(3);
     for j in 0..pos + 1 {
         if keys[b * keys.stride(0) + j * keys.stride(1)] == own {
-            let s = dot::<F>(&qrow, k, b * k.stride(0) + kvh * k.stride(1) + j * k.stride(2), d);
+            let s = dot::<F>(
+                &qrow,
+                k,
+                b * k.stride(0) + kvh * k.stride(1) + j * k.stride(2),
+                d,
+            );
             let top = f32::max(m, s);
             let c = f32::exp(m - top);
             let p = f32::exp(s - top);
@@ -168,7 +173,12 @@ fn backward_q_kernel<F: Float, I: Int>(
         if keys[b * keys.stride(0) + j * keys.stride(1)] == own {
             let ko = b * k.stride(0) + kvh * k.stride(1) + j * k.stride(2);
             let p = f32::exp(dot::<F>(&qrow, k, ko, d) - row_lse);
-            let dp = dot::<F>(&grow, v, b * v.stride(0) + kvh * v.stride(1) + j * v.stride(2), d);
+            let dp = dot::<F>(
+                &grow,
+                v,
+                b * v.stride(0) + kvh * v.stride(1) + j * v.stride(2),
+                d,
+            );
             let ds = p * (dp - dl);
             for x in 0..d {
                 acc[x] += ds * f32::cast_from(k[ko + x * kstep]);

@@ -17,8 +17,8 @@ use burn::backend::autodiff::{
 };
 use burn::backend::Autodiff;
 use burn::tensor::backend::{Backend, BackendTypes};
-use burn::tensor::{Int, Tensor, TensorPrimitive};
 use burn::tensor::{DType, Shape};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -148,7 +148,9 @@ where
         ),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    Tensor::from_primitive(TensorPrimitive::Float(cast::<B::FloatTensorPrimitive>(node)))
+    Tensor::from_primitive(TensorPrimitive::Float(cast::<B::FloatTensorPrimitive>(
+        node,
+    )))
 }
 
 /// What the backward pass keeps: the inputs, the output and the log-sum-exps.
