@@ -228,7 +228,7 @@ fn backward_kv_kernel<F: Float, I: Int>(
         gk[x] = 0.0;
         gv[x] = 0.0;
     }
-    let first = if j > start { j - start } else { 0usize.into() };
+    let first = usize::max(j, start) - start;
     let (qstep, gstep) = (q.stride(3), dout.stride(3));
     for g in 0..group {
         let h = kvh * group + g;
