@@ -131,9 +131,9 @@ pub fn attention<B: Backend>(
     Some(from_ad(record(Attention, [&q, &k, &v], out.clone(), state)))
 }
 
-/// The sizes of one attention call.
+/// The sizes of one attention call (the CPU's and the GPU backends' kernels).
 #[derive(Debug, Clone, Copy)]
-struct Dims {
+pub(super) struct Dims {
     pub batch: usize,
     pub seq: usize,
     pub heads: usize,
@@ -144,8 +144,11 @@ struct Dims {
 
 impl Dims {
     pub fn of<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> Self {
-        let [batch, seq, heads, d] = q.dims();
-        let [_, kv_heads, keys, _] = k.dims();
+        Self::new(q.dims(), k.dims())
+    }
+
+    /// From the shapes of q `[batch, seq, heads, d]` and k `[batch, kv_heads, keys, d]`.
+    pub fn new([batch, seq, heads, d]: [usize; 4], [_, kv_heads, keys, _]: [usize; 4]) -> Self {
         Self {
             batch,
             seq,

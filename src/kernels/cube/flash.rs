@@ -24,14 +24,42 @@ use burn_cubecl::{
 };
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
+use crate::kernels::attention::Dims;
+
 /// Beyond any real score: the running maximum starts at its negative, and a row that sees no
 /// key gets it as log-sum-exp (its probabilities then come out 0).
 const CEILING: f32 = 1.0e30;
 
+/// The entry of key position `j` of row `b`.
+#[cube]
+fn entry<I: Int>(keys: &Tensor<I>, b: usize, j: usize) -> I {
+    keys[b * keys.stride(0) + j * keys.stride(1)]
+}
+
 /// The key entry a query at key position `pos` of row `b` sees: its own, padding as 0.
 #[cube]
 fn query_entry<I: Int>(keys: &Tensor<I>, b: usize, pos: usize) -> I {
-    I::max(keys[b * keys.stride(0) + pos * keys.stride(1)], I::new(0))
+    I::max(entry::<I>(keys, b, pos), I::new(0))
+}
+
+/// Unit `ABSOLUTE_POS` of a `[outer, middle, inner]` grid as `(outer, middle, inner)`.
+#[cube]
+fn unit(middle: usize, inner: usize) -> (usize, usize, usize) {
+    (
+        ABSOLUTE_POS / (inner * middle),
+        (ABSOLUTE_POS / inner) % middle,
+        ABSOLUTE_POS % inner,
+    )
+}
+
+/// `d` zeros.
+#[cube]
+fn zeros(#[comptime] d: usize) -> Array<f32> {
+    let mut row = Array::<f32>::new(d);
+    for x in 0..d {
+        row[x] = 0.0;
+    }
+    row
 }
 
 #[cube]
@@ -55,10 +83,11 @@ fn load<F: Float>(t: &Tensor<F>, offset: usize, #[comptime] d: usize) -> Array<f
     row
 }
 
-/// Offset of element `[b, i, h, 0]` of `t`.
+/// Offset of element `[a, b, c, 0]` of `t` (a row of q, dO, dQ `[batch, seq, heads, d]` or of
+/// K, V, dK, dV `[batch, kv_heads, keys, d]`).
 #[cube]
-fn at<F: Float>(t: &Tensor<F>, b: usize, i: usize, h: usize) -> usize {
-    b * t.stride(0) + i * t.stride(1) + h * t.stride(2)
+fn at<F: Float>(t: &Tensor<F>, a: usize, b: usize, c: usize) -> usize {
+    a * t.stride(0) + b * t.stride(1) + c * t.stride(2)
 }
 
 /// Forward pass, one unit per (batch row, head, query): `out` `[batch, seq, heads, d]` and the
@@ -80,34 +109,24 @@ fn forward_kernel<F: Float, I: Int>(
     if ABSOLUTE_POS >= batch * heads * seq {
         terminate!();
     }
-    let i = ABSOLUTE_POS % seq;
-    let h = (ABSOLUTE_POS / seq) % heads;
-    let b = ABSOLUTE_POS / (seq * heads);
+    let (b, h, i) = unit(heads, seq);
     let kvh = h / group;
     let pos = k.shape(2) - seq + i;
     let own = query_entry::<I>(keys, b, pos);
 
     let qrow = load::<F>(q, at::<F>(q, b, i, h), d);
-    let mut acc = Array::<f32>::new(d);
-    for x in 0..d {
-        acc[x] = 0.0;
-    }
+    let mut acc = zeros(d);
     let mut m = f32::new(-CEILING);
     let mut l = f32::new(0.0);
     let vstep = v.stride(3);
     for j in 0..pos + 1 {
-        if keys[b * keys.stride(0) + j * keys.stride(1)] == own {
-            let s = dot::<F>(
-                &qrow,
-                k,
-                b * k.stride(0) + kvh * k.stride(1) + j * k.stride(2),
-                d,
-            );
+        if entry::<I>(keys, b, j) == own {
+            let s = dot::<F>(&qrow, k, at::<F>(k, b, kvh, j), d);
             let top = f32::max(m, s);
             let c = f32::exp(m - top);
             let p = f32::exp(s - top);
             l = l * c + p;
-            let vo = b * v.stride(0) + kvh * v.stride(1) + j * v.stride(2);
+            let vo = at::<F>(v, b, kvh, j);
             for x in 0..d {
                 acc[x] = acc[x] * c + p * f32::cast_from(v[vo + x * vstep]);
             }
@@ -151,9 +170,7 @@ fn backward_q_kernel<F: Float, I: Int>(
     if ABSOLUTE_POS >= batch * heads * seq {
         terminate!();
     }
-    let i = ABSOLUTE_POS % seq;
-    let h = (ABSOLUTE_POS / seq) % heads;
-    let b = ABSOLUTE_POS / (seq * heads);
+    let (b, h, i) = unit(heads, seq);
     let kvh = h / group;
     let pos = k.shape(2) - seq + i;
     let own = query_entry::<I>(keys, b, pos);
@@ -164,21 +181,13 @@ fn backward_q_kernel<F: Float, I: Int>(
     let li = (b * heads + h) * seq + i;
     delta[li] = dl;
     let row_lse = lse[li];
-    let mut acc = Array::<f32>::new(d);
-    for x in 0..d {
-        acc[x] = 0.0;
-    }
+    let mut acc = zeros(d);
     let kstep = k.stride(3);
     for j in 0..pos + 1 {
-        if keys[b * keys.stride(0) + j * keys.stride(1)] == own {
-            let ko = b * k.stride(0) + kvh * k.stride(1) + j * k.stride(2);
+        if entry::<I>(keys, b, j) == own {
+            let ko = at::<F>(k, b, kvh, j);
             let p = f32::exp(dot::<F>(&qrow, k, ko, d) - row_lse);
-            let dp = dot::<F>(
-                &grow,
-                v,
-                b * v.stride(0) + kvh * v.stride(1) + j * v.stride(2),
-                d,
-            );
+            let dp = dot::<F>(&grow, v, at::<F>(v, b, kvh, j), d);
             let ds = p * (dp - dl);
             for x in 0..d {
                 acc[x] += ds * f32::cast_from(k[ko + x * kstep]);
@@ -213,27 +222,21 @@ fn backward_kv_kernel<F: Float, I: Int>(
     if ABSOLUTE_POS >= batch * kv_heads * total {
         terminate!();
     }
-    let j = ABSOLUTE_POS % total;
-    let kvh = (ABSOLUTE_POS / total) % kv_heads;
-    let b = ABSOLUTE_POS / (total * kv_heads);
+    let (b, kvh, j) = unit(kv_heads, total);
     let (seq, heads) = (q.shape(1), q.shape(2));
     let start = total - seq;
-    let entry = keys[b * keys.stride(0) + j * keys.stride(1)];
+    let seen = entry::<I>(keys, b, j);
 
-    let krow = load::<F>(k, b * k.stride(0) + kvh * k.stride(1) + j * k.stride(2), d);
-    let vrow = load::<F>(v, b * v.stride(0) + kvh * v.stride(1) + j * v.stride(2), d);
-    let mut gk = Array::<f32>::new(d);
-    let mut gv = Array::<f32>::new(d);
-    for x in 0..d {
-        gk[x] = 0.0;
-        gv[x] = 0.0;
-    }
+    let krow = load::<F>(k, at::<F>(k, b, kvh, j), d);
+    let vrow = load::<F>(v, at::<F>(v, b, kvh, j), d);
+    let mut gk = zeros(d);
+    let mut gv = zeros(d);
     let first = usize::max(j, start) - start;
     let (qstep, gstep) = (q.stride(3), dout.stride(3));
     for g in 0..group {
         let h = kvh * group + g;
         for i in first..seq {
-            if query_entry::<I>(keys, b, start + i) == entry {
+            if query_entry::<I>(keys, b, start + i) == seen {
                 let qo = at::<F>(q, b, i, h);
                 let go = at::<F>(dout, b, i, h);
                 let li = (b * heads + h) * seq + i;
@@ -246,40 +249,12 @@ fn backward_kv_kernel<F: Float, I: Int>(
             }
         }
     }
-    let ko = b * dk.stride(0) + kvh * dk.stride(1) + j * dk.stride(2);
-    let vo = b * dv.stride(0) + kvh * dv.stride(1) + j * dv.stride(2);
+    let ko = at::<F>(dk, b, kvh, j);
+    let vo = at::<F>(dv, b, kvh, j);
     let (kstep, vstep) = (dk.stride(3), dv.stride(3));
     for x in 0..d {
         dk[ko + x * kstep] = F::cast_from(gk[x]);
         dv[vo + x * vstep] = F::cast_from(gv[x]);
-    }
-}
-
-/// The sizes of one call: `q` `[batch, seq, heads, d]`, `k` `[batch, kv_heads, keys, d]`.
-struct Sizes {
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    kv_heads: usize,
-    keys: usize,
-    d: usize,
-}
-
-impl Sizes {
-    fn of<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>) -> Self {
-        let ([batch, seq, heads, d], [_, kv_heads, keys, _]) = (dims(q), dims(k));
-        Self {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            keys,
-            d,
-        }
-    }
-
-    fn group(&self) -> usize {
-        self.heads / self.kv_heads
     }
 }
 
@@ -312,7 +287,7 @@ pub fn forward<R: CubeRuntime>(
     v: CubeTensor<R>,
     keys: CubeTensor<R>,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
-    let n = Sizes::of(&q, &k);
+    let n = Dims::new(dims(&q), dims(&k));
     let out = empty(&q, vec![n.batch, n.seq, n.heads, n.d], q.dtype);
     let lse = empty(&q, vec![n.batch, n.heads, n.seq], DType::F32);
     let (count, dim) = grid(&q, n.batch * n.heads * n.seq);
@@ -328,7 +303,7 @@ pub fn forward<R: CubeRuntime>(
         out.clone().into_tensor_arg(),
         lse.clone().into_tensor_arg(),
         n.d,
-        n.group(),
+        n.heads / n.kv_heads,
         dtypes,
     );
     (out, lse)
@@ -346,7 +321,7 @@ pub fn backward<R: CubeRuntime>(
     lse: CubeTensor<R>,
     dout: CubeTensor<R>,
 ) -> [CubeTensor<R>; 3] {
-    let n = Sizes::of(&q, &k);
+    let n = Dims::new(dims(&q), dims(&k));
     let dout = into_contiguous(dout);
     let dq = empty(&q, vec![n.batch, n.seq, n.heads, n.d], q.dtype);
     let dk = empty(&k, vec![n.batch, n.kv_heads, n.keys, n.d], k.dtype);
@@ -369,7 +344,7 @@ pub fn backward<R: CubeRuntime>(
         delta.clone().into_tensor_arg(),
         dq.clone().into_tensor_arg(),
         n.d,
-        n.group(),
+        n.heads / n.kv_heads,
         dtypes,
     );
     let (count, dim) = grid(&k, n.batch * n.kv_heads * n.keys);
@@ -387,7 +362,7 @@ pub fn backward<R: CubeRuntime>(
         dk.clone().into_tensor_arg(),
         dv.clone().into_tensor_arg(),
         n.d,
-        n.group(),
+        n.heads / n.kv_heads,
         dtypes,
     );
     [dq, dk, dv]

@@ -31,21 +31,31 @@ use std::any::{Any, TypeId};
 use std::fmt;
 use std::marker::PhantomData;
 
-/// Whether training tensors of backend `B` run through these kernels (`Autodiff` over burn's
-/// fused CUDA or wgpu backend, kernels on).
-pub fn training<B: Backend>() -> bool {
-    if !super::enabled() {
-        return false;
-    }
+/// burn's fused GPU backends these kernels run on.
+enum Gpu {
+    #[cfg(feature = "wgpu")]
+    Wgpu,
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+/// Which of the [`Gpu`] backends `B` is the autodiff of, if any.
+fn gpu<B: Backend>() -> Option<Gpu> {
     #[cfg(feature = "wgpu")]
     if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Wgpu>>() {
-        return true;
+        return Some(Gpu::Wgpu);
     }
     #[cfg(feature = "cuda")]
     if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Cuda>>() {
-        return true;
+        return Some(Gpu::Cuda);
     }
-    false
+    None
+}
+
+/// Whether training tensors of backend `B` run through these kernels (`Autodiff` over burn's
+/// fused CUDA or wgpu backend, kernels on).
+pub fn training<B: Backend>() -> bool {
+    super::enabled() && gpu::<B>().is_some()
 }
 
 /// Causal attention of queries at the last `seq` of `keys` positions, as one autodiff node.
@@ -62,24 +72,20 @@ pub fn attention<B: Backend>(
     v: Tensor<B, 4>,
     keys: Option<&Tensor<B, 2, Int>>,
 ) -> Option<Tensor<B, 3>> {
-    if !training::<B>() {
+    if !super::enabled() {
         return None;
     }
+    let gpu = gpu::<B>()?;
     let [batch, seq, heads, d] = q.dims();
     let keys = match keys {
         Some(keys) => keys.clone(),
         None => Tensor::zeros([batch, k.dims()[2]], &q.device()),
     };
-    let out: Tensor<B, 4> = 'out: {
+    let out: Tensor<B, 4> = match gpu {
         #[cfg(feature = "wgpu")]
-        if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Wgpu>>() {
-            break 'out train::<B, burn::cubecl::wgpu::WgpuRuntime, f32, i32, u32>(q, k, v, keys);
-        }
+        Gpu::Wgpu => train::<B, burn::cubecl::wgpu::WgpuRuntime, f32, i32, u32>(q, k, v, keys),
         #[cfg(feature = "cuda")]
-        if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Cuda>>() {
-            break 'out train::<B, burn::cubecl::cuda::CudaRuntime, f32, i32, u8>(q, k, v, keys);
-        }
-        unreachable!("`training` holds only for the backends above")
+        Gpu::Cuda => train::<B, burn::cubecl::cuda::CudaRuntime, f32, i32, u8>(q, k, v, keys),
     };
     Some(out.reshape([batch, seq, heads * d]))
 }
