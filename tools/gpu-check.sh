@@ -19,8 +19,10 @@
 #
 # --dry-run runs every step on the CPU with a small model (hidden 64, the same 36 layers and
 # vocabulary), batch 2 x 128 and 3 steps, to test the script before GPU time is spent.
-# The bench runs twice: with layer recompute (activation checkpointing, the GPU default) and
-# without it (--activation-checkpointing false), for memory and speed side by side. --mpi (a binary built with
+# The bench runs three times: with layer recompute (activation checkpointing, the GPU default),
+# without it (--activation-checkpointing false), for memory and speed side by side, and with
+# `--generic-ops` (burn's decomposed attention instead of the flash attention kernels of
+# src/kernels/cube): the kernels' parity on the GPU (the same final loss) and their memory saving. --mpi (a binary built with
 # `--features cuda,mpi`, and Open MPI's mpirun) adds the bench as one rank under `mpirun -n 1`:
 # the gradients go through the NCCL all-reduce; its loss must equal the plain bench's.
 # --keep keeps the checkpoints under $OUT/work.
@@ -104,6 +106,8 @@ measure bench "$BIN" bench --config "$CONFIG" --student "$STUDENT" --steps "$STE
   --warmup "$WARMUP" --device "$DEVICE" --out "$WORK/bench-run" --json
 measure bench-kept "$BIN" bench --config "$CONFIG" --student "$STUDENT" --steps "$STEPS" \
   --warmup "$WARMUP" --device "$DEVICE" --out "$WORK/bench-kept-run" --activation-checkpointing false --json
+measure bench-generic "$BIN" bench --config "$CONFIG" --student "$STUDENT" --steps "$STEPS" \
+  --warmup "$WARMUP" --device "$DEVICE" --out "$WORK/bench-generic-run" --generic-ops --json
 if [ "$MPI" = 1 ]; then
   # One rank (its own run directory); mpirun refuses root without these two variables.
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

@@ -50,6 +50,9 @@ pub struct BenchReport {
     pub generic_ops: bool,
     /// Whether the student's layers were recomputed in the backward pass.
     pub activation_checkpointing: bool,
+    /// The memory plan's total (GB), printed before the run: to compare with the peak RSS on
+    /// the CPU, with `gpu_mem_peak_gb` on a GPU.
+    pub memory_plan_gb: f64,
     /// Wall time of the whole measurement.
     #[serde(skip)]
     pub wall_seconds: f64,
@@ -126,6 +129,7 @@ impl Bench {
             gpu_mem_reserved_peak_gb: gb(|m| m.peak_reserved),
             generic_ops: self.generic_ops,
             activation_checkpointing: summary.activation_checkpointing,
+            memory_plan_gb: summary.memory_plan_gb,
             wall_seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -273,7 +273,7 @@ impl Job for DistillJob {
             .unwrap_or(!kernels_train);
         let world = crate::dist::world();
         let flash = kernels::cube_attention_runs::<Autodiff<B>>();
-        self.memory_plan(dtype.size(), recompute, kernels_train, flash)?;
+        let memory_plan_bytes = self.memory_plan(dtype.size(), recompute, kernels_train, flash)?;
         std::fs::create_dir_all(&self.run_dir)
             .with_context(|| format!("{}: cannot create", self.run_dir.display()))?;
         let student = match self.student {
@@ -322,6 +322,7 @@ impl Job for DistillJob {
             resume: self.resume,
             stop,
             recompute,
+            memory_plan_bytes,
         };
         let outcome = distill::<Autodiff<B>>(&self.cfg, &run, &device)?;
         match &outcome {
@@ -338,14 +339,15 @@ impl Job for DistillJob {
 impl DistillJob {
     /// Prints the memory plan (see [`super::memory`]) before any weights load; on a GPU, a plan
     /// that exceeds the device's memory is an error. The student's layers are its own when it
-    /// exists, else the base model's (LaCo's result is not known before it runs).
+    /// exists, else the base model's (LaCo's result is not known before it runs). Returns the
+    /// plan's total in bytes.
     fn memory_plan(
         &self,
         elem_bytes: usize,
         recompute: bool,
         kernels: bool,
         flash: bool,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let teacher = ModelConfig::from_dir(&self.teacher)?;
         let student = self
             .student
@@ -372,9 +374,9 @@ impl DistillJob {
         let name = gpu.as_ref().map_or("cpu".to_string(), |g| g.name.clone());
         let capacity = gpu.as_ref().and_then(|g| g.total_bytes);
         plan.print(&name, capacity);
-        match capacity {
-            Some(c) => plan.check_fits(&name, c),
-            None => Ok(()),
+        if let Some(c) = capacity {
+            plan.check_fits(&name, c)?;
         }
+        Ok(plan.total)
     }
 }

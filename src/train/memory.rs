@@ -102,9 +102,11 @@ impl MemoryPlan {
         let teacher_peak = (tokens * (3 * i + 4 * h) + b * nh * t * t) * e;
         // The loss: the counted rows' hidden states (student and teacher, compute dtype) and
         // their gradient (f32), then one chunk: the logits of both (compute dtype), both
-        // log-probabilities, the exponentials and the logits' gradient (f32).
+        // log-probabilities, the exponentials and the logits' gradient (f32). A chunk holds at
+        // most CHUNK_ELEMENTS logits, fewer when all the rows' logits are fewer.
         let rows = b * (t.max(2) - 1);
-        let loss = rows * h * (2 * e + 4) + CHUNK_ELEMENTS as u64 * (2 * e + 16);
+        let chunk = (CHUNK_ELEMENTS as u64).min(rows * v);
+        let loss = rows * h * (2 * e + 4) + chunk * (2 * e + 16);
         let how = match (s.recompute, s.kernels) {
             (true, _) => format!("{student_layers} layer inputs + one layer's activations"),
             (false, false) => format!(

@@ -65,6 +65,9 @@ pub struct Summary {
     pub padding_fraction: f64,
     /// Whether the student's layers were recomputed in the backward pass.
     pub activation_checkpointing: bool,
+    /// The memory plan's total (GB of 1e9 bytes; see [`super::memory`]), for comparison with
+    /// the measured peak.
+    pub memory_plan_gb: f64,
 }
 
 /// Where and how a run goes, beyond its config.
@@ -79,6 +82,8 @@ pub struct Run {
     /// Recompute the student's layers in the backward pass (`optim.activation_checkpointing`
     /// resolved for the backend).
     pub recompute: bool,
+    /// The memory plan's total in bytes, printed before the run.
+    pub memory_plan_bytes: u64,
 }
 
 pub enum Outcome {
@@ -600,6 +605,7 @@ impl<'a, B: AutodiffBackend> Recipe<'a, B> {
             step_times: self.step_times,
             gpu_memory: self.gpu_memory.map(Box::new),
             activation_checkpointing: self.recompute,
+            memory_plan_gb: self.run.memory_plan_bytes as f64 / 1e9,
         })
     }
 }

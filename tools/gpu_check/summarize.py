@@ -74,11 +74,23 @@ def main():
                              "peak_rss_gb_measured": bench.get("peak_rss_gb")}
     figures["pytorch_peft"] = {"rc": torch.get("rc"), "wall_s": torch.get("wall_s"), **t,
                                "gpu_used_peak_gb_nvidia_smi": torch.get("gpu_used_peak_gb")}
-    kept = load(a.out, "bench-kept")
-    if not kept.get("missing"):
-        figures["laco_train_layers_kept"] = {"rc": kept.get("rc"), "wall_s": kept.get("wall_s"),
-                                             **(kept.get("result") or {}),
-                                             "gpu_used_peak_gb_nvidia_smi": kept.get("gpu_used_peak_gb")}
+    for name, key in [("bench-kept", "laco_train_layers_kept"), ("bench-generic", "laco_train_generic_ops")]:
+        other = load(a.out, name)
+        if not other.get("missing"):
+            figures[key] = {"rc": other.get("rc"), "wall_s": other.get("wall_s"),
+                            **(other.get("result") or {}),
+                            "gpu_used_peak_gb_nvidia_smi": other.get("gpu_used_peak_gb")}
+    # The flash attention kernels against burn's decomposed attention (--generic-ops), same
+    # steps, same data: the same final loss within the dtype's precision (bf16 on the GPU).
+    g = figures.get("laco_train_generic_ops", {})
+    tol = 1e-4 if a.dry_run else 2e-2
+    diff = None
+    if g.get("final_loss") is not None and b.get("final_loss") is not None:
+        diff = abs(g["final_loss"] - b["final_loss"]) / max(1.0, abs(g["final_loss"]))
+    checks["flash_attention_vs_generic_ops"] = {"pass": g.get("rc") == 0 and diff is not None and diff <= tol,
+                                                "final_loss": b.get("final_loss"),
+                                                "final_loss_generic_ops": g.get("final_loss"),
+                                                "relative_diff": diff, "tolerance": tol}
     mpi = load(a.out, "bench-mpi")
     if not mpi.get("missing"):
         m = mpi.get("result") or {}
