@@ -3,8 +3,9 @@
 # model's golden LaCo student (4 layers) on one packed row of 256, 512, 1024 and 2048 tokens,
 # layers recomputed (the GPU default), with the flash attention kernels (src/kernels/cube) and
 # with burn's generic ops instead (`--generic-ops`: scores, additive mask and softmax as
-# tensors). Prints a Markdown table of cubecl's peak memory in use (`gpu_mem_peak_gb`) beside
-# the memory plan's total (`memory_plan_gb`).
+# tensors). Prints a Markdown table of cubecl's peak memory in use (`gpu_mem_peak_gb`, read every
+# millisecond by the sampler thread of src/device/gpu.rs) beside the memory plan's peak
+# (`memory_plan_gb`).
 #
 #   tools/wgpu-memory.sh [BIN (target/release/laco-train, built with --features wgpu)] [TOKENS]
 #

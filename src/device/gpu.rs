@@ -5,7 +5,10 @@
 //! - cubecl's autotune results and compiled kernels cached under the user's cache directory
 //!   (`$XDG_CACHE_HOME/laco-train/cubecl`, else `~/.cache/laco-train/cubecl`), unless a
 //!   `cubecl.toml` or `burn.toml` above the working directory says otherwise
-//! - GPU memory in use and reserved, sampled through cubecl's client, with its peak
+//! - GPU memory in use and reserved, sampled through cubecl's client, with its peak: cubecl
+//!   keeps no high-water mark, so a sampler thread reads the job's stream every millisecond
+//!   (between the device thread's tasks), which sees transients inside a layer, such as the
+//!   scores of burn's fallback attention, that samples taken between the job's steps miss
 //! - failures on cubecl's device thread (out of memory, a kernel that does not compile) turned
 //!   into one-line errors instead of panics, hangs or garbage
 //!
@@ -23,8 +26,8 @@ use std::sync::Mutex;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 use std::sync::Once;
 
-/// Reads `(bytes in use, bytes reserved)` of the current thread's stream on the device.
-pub(super) type Probe = Box<dyn Fn() -> Option<(u64, u64)>>;
+/// Reads `(bytes in use, bytes reserved)` of the job's stream on the device (from any thread).
+pub(super) type Probe = std::sync::Arc<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
 
 /// GPU memory of this thread's stream, in bytes: in use by tensors, reserved by cubecl's pools
 /// (what the driver sees), and the largest of each over the samples taken so far.
@@ -42,6 +45,48 @@ struct Active {
     info: DeviceInfo,
     probe: Probe,
     memory: GpuMemory,
+    sampler: Sampler,
+}
+
+/// The sampler thread: the largest `(in use, reserved)` it has read, until dropped.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+struct Sampler {
+    peaks: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl Sampler {
+    fn start(probe: Probe) -> Self {
+        use std::sync::atomic::AtomicU64;
+        let peaks = std::sync::Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (p, s) = (peaks.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some((in_use, reserved)) = probe() {
+                    p[0].fetch_max(in_use, Ordering::Relaxed);
+                    p[1].fetch_max(reserved, Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
+        Self {
+            peaks,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 thread_local! {
@@ -65,10 +110,11 @@ pub fn gpu_memory() -> Option<GpuMemory> {
         let a = a.as_mut()?;
         if let Some((in_use, reserved)) = (a.probe)() {
             let m = &mut a.memory;
+            let sampled = |i: usize| a.sampler.peaks[i].load(std::sync::atomic::Ordering::Relaxed);
             m.in_use = in_use;
             m.reserved = reserved;
-            m.peak_in_use = m.peak_in_use.max(in_use);
-            m.peak_reserved = m.peak_reserved.max(reserved);
+            m.peak_in_use = m.peak_in_use.max(in_use).max(sampled(0));
+            m.peak_reserved = m.peak_reserved.max(reserved).max(sampled(1));
         }
         Some(a.memory)
     })
@@ -102,8 +148,9 @@ pub(super) fn guarded<T>(
     ACTIVE.with(|a| {
         *a.borrow_mut() = Some(Active {
             info: info.clone(),
-            probe,
+            probe: probe.clone(),
             memory: GpuMemory::default(),
+            sampler: Sampler::start(probe),
         })
     });
     let outcome = catch_unwind(AssertUnwindSafe(job));
@@ -313,8 +360,11 @@ pub(super) fn cuda_preflight(n: usize) -> Result<DeviceInfo> {
 #[cfg(feature = "cuda")]
 pub(super) fn cuda_memory_probe(device: burn::backend::cuda::CudaDevice) -> Probe {
     use burn::cubecl::{cuda::CudaRuntime, Runtime};
-    Box::new(move || {
-        let u = CudaRuntime::client(&device).memory_usage().ok()?;
+    let stream = burn::tensor::StreamId::current();
+    std::sync::Arc::new(move || {
+        let u = stream
+            .executes(|| CudaRuntime::client(&device).memory_usage())
+            .ok()?;
         Some((u.bytes_in_use, u.bytes_reserved))
     })
 }
@@ -375,8 +425,11 @@ pub(super) fn wgpu_preflight(device: &burn::backend::wgpu::WgpuDevice) -> Result
 #[cfg(feature = "wgpu")]
 pub(super) fn wgpu_memory_probe(device: burn::backend::wgpu::WgpuDevice) -> Probe {
     use burn::cubecl::{wgpu::WgpuRuntime, Runtime};
-    Box::new(move || {
-        let u = WgpuRuntime::client(&device).memory_usage().ok()?;
+    let stream = burn::tensor::StreamId::current();
+    std::sync::Arc::new(move || {
+        let u = stream
+            .executes(|| WgpuRuntime::client(&device).memory_usage())
+            .ok()?;
         Some((u.bytes_in_use, u.bytes_reserved))
     })
 }

@@ -358,6 +358,7 @@ impl DistillJob {
             false => teacher.num_hidden_layers,
         };
         let (o, lora) = (&self.cfg.optim, &self.cfg.lora);
+        let gpu = current_gpu();
         let shape = Shape {
             batch: o.batch_size,
             seq: self.cfg.data.max_seq_len,
@@ -368,9 +369,9 @@ impl DistillJob {
             recompute,
             kernels,
             flash,
+            pooled: gpu.is_some(),
         };
         let plan = MemoryPlan::new(&teacher, student_layers, shape);
-        let gpu = current_gpu();
         let name = gpu.as_ref().map_or("cpu".to_string(), |g| g.name.clone());
         let capacity = gpu.as_ref().and_then(|g| g.total_bytes);
         plan.print(&name, capacity);

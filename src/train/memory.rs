@@ -21,6 +21,13 @@
 //! (while that layer runs again). The loss keeps no logits ([`super::loss::chunked_kd`]): the
 //! counted rows' hidden states of student and teacher, their gradient, and one chunk's
 //! transients.
+//!
+//! How the terms add up depends on the memory (both measured, see docs/gpu.md): on a GPU,
+//! cubecl's pools hand a phase's freed memory to the next, so the peak in use is the weights and
+//! adapters plus the largest phase (the teacher's forward pass, the loss, the backward pass),
+//! and fusion keeps one chunk's logits and their f32 log-probabilities, not the generic ops'
+//! six buffers; on the CPU the generic ops' peak RSS is near the sum of every term (the
+//! allocator does not hand one phase's freed memory to the next).
 
 use crate::hf::ModelConfig;
 use crate::model::chunk::CHUNK_ELEMENTS;
@@ -45,6 +52,8 @@ pub struct Shape {
     pub kernels: bool,
     /// The student's attention is the GPU backends' flash kernel (no `[seq, keys]` tensors).
     pub flash: bool,
+    /// A GPU's memory pools and fusion (the peak is the largest phase, see the module doc).
+    pub pooled: bool,
 }
 
 /// The plan's terms in bytes.
@@ -52,6 +61,7 @@ pub struct Shape {
 pub struct MemoryPlan {
     pub terms: Vec<(String, u64)>,
     pub total: u64,
+    total_label: &'static str,
 }
 
 impl MemoryPlan {
@@ -92,21 +102,28 @@ impl MemoryPlan {
         };
         // The additive mask of a padded batch, once per forward pass.
         let mask = if s.flash { 0 } else { b * nh * t * t * e };
-        let activations = match s.recompute {
-            // Each layer's input, one layer's activations, and the gradient passed between
-            // layers (two of them while a layer runs its backward pass).
-            true => student_layers * tokens * h * e + per_layer + 2 * tokens * h * e,
-            false => per_layer * student_layers,
-        } + mask;
+        // What the student keeps through the loss, and what its backward pass adds: each
+        // layer's input, then one layer's activations and the gradient passed between layers
+        // (two of them while a layer runs its backward pass); or every layer's activations.
+        let (kept, backward) = match s.recompute {
+            true => (
+                student_layers * tokens * h * e,
+                per_layer + 2 * tokens * h * e + mask,
+            ),
+            false => (per_layer * student_layers + mask, 0),
+        };
+        let activations = kept + backward;
         // The teacher's largest transient (no autodiff): one layer's MLP and attention scores.
         let teacher_peak = (tokens * (3 * i + 4 * h) + b * nh * t * t) * e;
         // The loss: the counted rows' hidden states (student and teacher, compute dtype) and
         // their gradient (f32), then one chunk: the logits of both (compute dtype), both
         // log-probabilities, the exponentials and the logits' gradient (f32). A chunk holds at
         // most CHUNK_ELEMENTS logits, fewer when all the rows' logits are fewer.
+        // Fused on a GPU: the student's logits and one f32 buffer.
         let rows = b * (t.max(2) - 1);
         let chunk = (CHUNK_ELEMENTS as u64).min(rows * v);
-        let loss = rows * h * (2 * e + 4) + chunk * (2 * e + 16);
+        let per_logit = if s.pooled { e + 4 } else { 2 * e + 16 };
+        let loss = rows * h * (2 * e + 4) + chunk * per_logit;
         let how = match (s.recompute, s.kernels) {
             (true, _) => format!("{student_layers} layer inputs + one layer's activations"),
             (false, false) => format!(
@@ -146,8 +163,22 @@ impl MemoryPlan {
                 loss,
             ),
         ];
-        let total = terms.iter().map(|(_, bytes)| bytes).sum();
-        Self { terms, total }
+        let total = match s.pooled {
+            true => {
+                let fixed: u64 = terms[..3].iter().map(|(_, bytes)| bytes).sum();
+                fixed + teacher_peak.max(kept + loss.max(backward))
+            }
+            false => terms.iter().map(|(_, bytes)| bytes).sum(),
+        };
+        let total_label = match s.pooled {
+            true => "peak: weights, adapters and the largest phase (teacher, loss, backward)",
+            false => "total",
+        };
+        Self {
+            terms,
+            total,
+            total_label,
+        }
     }
 
     /// The plan, one term per line.
@@ -157,7 +188,11 @@ impl MemoryPlan {
             eprintln!("  {:>8.2} GB  {what}", *bytes as f64 / GB);
         }
         let cap = capacity.map_or(String::new(), |c| format!(" of {:.1} GB", c as f64 / GB));
-        eprintln!("  {:>8.2} GB  total{cap}", self.total as f64 / GB);
+        eprintln!(
+            "  {:>8.2} GB  {}{cap}",
+            self.total as f64 / GB,
+            self.total_label
+        );
     }
 
     /// An error when the plan does not fit in `capacity` bytes, naming the biggest term.
@@ -205,6 +240,7 @@ mod tests {
             recompute: false,
             kernels: false,
             flash: false,
+            pooled: true,
         };
         let plan = MemoryPlan::new(&cfg, 26, shape);
         // Qwen3-8B has 8.19 B parameters: 16.4 GB in bf16.
@@ -236,6 +272,7 @@ mod tests {
                     recompute,
                     kernels: false,
                     flash,
+                    pooled: true,
                 };
                 MemoryPlan::new(&cfg, 26, shape)
             };

@@ -170,15 +170,36 @@ fn flash_attention_on_wgpu_matches_the_cpu_kernels() {
     }
 }
 
-/// `bench` on the tiny model's golden LaCo student: losses of every step and the JSON line.
-fn bench(device: &str, out: &std::path::Path) -> (Vec<f64>, serde_json::Value) {
-    let student = fixture("golden/laco-last");
+/// `bench` of `steps` on the tiny model's golden LaCo student, one packed row of 128 tokens a
+/// step, LoRA on q and v (few kernels a step: llvmpipe's cost is per dispatch): every step's
+/// metrics and the JSON line.
+fn bench(
+    device: &str,
+    steps: usize,
+    dir: &std::path::Path,
+) -> (Vec<serde_json::Value>, serde_json::Value) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = dir.join("long.toml");
+    let tiny = std::fs::read_to_string(root.join("configs/tiny.toml")).unwrap();
+    let text = tiny
+        .replace("\"../", &format!("\"{}/", root.display()))
+        .replace("max_seq_len = 128", "max_seq_len = 128\npacking = true")
+        .replace("batch_size = 8", "batch_size = 1")
+        .replace(
+            "target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]",
+            "target_modules = [\"q_proj\", \"v_proj\"]",
+        );
+    assert_ne!(text, tiny);
+    std::fs::write(&config, text).unwrap();
+    let out = dir.join(device);
     let v = json_line(&laco(&[
         "bench",
+        "--config",
+        config.to_str().unwrap(),
         "--student",
-        student.to_str().unwrap(),
+        fixture("golden/laco-last").to_str().unwrap(),
         "--steps",
-        "4",
+        &steps.to_string(),
         "--warmup",
         "1",
         "--device",
@@ -187,37 +208,40 @@ fn bench(device: &str, out: &std::path::Path) -> (Vec<f64>, serde_json::Value) {
         out.to_str().unwrap(),
         "--json",
     ]));
-    let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .inspect(|m| {
-            if device == "wgpu" {
-                assert!(m["gpu_mem_gb"].as_f64().unwrap() > 0.0, "{m}");
-            }
-        })
-        .map(|m| m["loss"].as_f64().unwrap())
         .collect();
-    (losses, v)
+    (metrics, v)
 }
 
+/// 300 distillation steps on wgpu: the first four follow the CPU's, and the memory stays flat.
+/// cubecl's pools must reuse what each step frees (burn issue 4792 reports a CUDA pool that
+/// grows in 0.21): the peak memory in use after step 300 (read every millisecond by the
+/// sampler thread of `src/device/gpu.rs`) within 5% of the peak after step 20, and the memory
+/// in use at the end of step 300 within 5% of that at the end of step 20. Layers recomputed
+/// and flash attention (the GPU defaults).
 #[test]
-fn distillation_steps_on_wgpu_follow_the_cpu_and_report_gpu_memory() {
+fn distillation_on_wgpu_follows_the_cpu_and_its_memory_stays_flat_over_300_steps() {
     let dir = tempfile::tempdir().unwrap();
-    let (cpu, cpu_json) = bench("cpu", &dir.path().join("cpu"));
-    let (gpu, gpu_json) = bench("wgpu", &dir.path().join("wgpu"));
-    assert_eq!(cpu.len(), 4);
-    // The same steps (no dropout in configs/tiny.toml): CPU kernels against wgpu's generic ops.
-    // Measured: the first step's loss equal to 1e-7, the fourth within 9e-4 relative (AdamW
-    // turns last-bit differences of small gradients into different updates).
-    assert!(
-        (cpu[0] - gpu[0]).abs() <= 1e-5 * cpu[0],
-        "cpu {cpu:?} wgpu {gpu:?}"
+    let (cpu, cpu_json) = bench("cpu", 4, dir.path());
+    let (gpu, gpu_json) = bench("wgpu", 300, dir.path());
+    assert_eq!((cpu.len(), gpu.len()), (4, 300));
+    assert_eq!(gpu_json["activation_checkpointing"], true, "{gpu_json}");
+    // The same steps (no dropout in configs/tiny.toml): CPU kernels against wgpu's ops and
+    // flash attention. Measured: the first step's loss equal to 1e-7, the fourth within 9e-4
+    // relative (AdamW turns last-bit differences of small gradients into different updates).
+    let loss = |m: &serde_json::Value| m["loss"].as_f64().unwrap();
+    let (c, g): (Vec<f64>, Vec<f64>) = (
+        cpu.iter().map(loss).collect(),
+        gpu.iter().take(4).map(loss).collect(),
     );
-    for (c, g) in cpu.iter().zip(&gpu) {
+    assert!((c[0] - g[0]).abs() <= 1e-5 * c[0], "cpu {c:?} wgpu {g:?}");
+    for (c1, g1) in c.iter().zip(&g) {
         assert!(
-            (c - g).abs() <= 3e-3 * c.abs(),
-            "losses cpu {cpu:?} wgpu {gpu:?}"
+            (c1 - g1).abs() <= 3e-3 * c1.abs(),
+            "losses cpu {c:?} wgpu {g:?}"
         );
     }
     assert!(cpu_json["gpu_mem_gb"].is_null(), "{cpu_json}");
@@ -227,60 +251,18 @@ fn distillation_steps_on_wgpu_follow_the_cpu_and_report_gpu_memory() {
     );
     assert!(now > 0.0 && peak >= now, "{gpu_json}");
     assert!(gpu_json["gpu_mem_reserved_peak_gb"].as_f64().unwrap() >= peak);
-}
-
-/// A long run on wgpu keeps its memory flat: cubecl's pools must reuse what each step frees
-/// (burn issue 4792 reports a CUDA pool that grows in 0.21). 300 steps of the tiny student on
-/// one packed row of 128 tokens a step, layers recomputed (the GPU default): the peak memory in use after step
-/// 300 within 5% of the peak after step 20, and the memory in use at the end of step 300 within
-/// 5% of that at the end of step 20.
-#[test]
-#[ignore = "passes (peak +2.6%, in use flat) but 300 llvmpipe steps take 12-20 minutes on 2 cores, beyond CI's budget; run with --ignored"]
-fn gpu_memory_stays_flat_over_300_steps() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = dir.path().join("long.toml");
-    let tiny = std::fs::read_to_string(root.join("configs/tiny.toml")).unwrap();
-    let text = tiny
-        .replace("\"../", &format!("\"{}/", root.display()))
-        .replace("max_seq_len = 128", "max_seq_len = 128\npacking = true")
-        .replace("batch_size = 8", "batch_size = 1");
-    std::fs::write(&config, text).unwrap();
-    let out = dir.path().join("run");
-    let v = json_line(&laco(&[
-        "bench",
-        "--config",
-        config.to_str().unwrap(),
-        "--student",
-        fixture("golden/laco-last").to_str().unwrap(),
-        "--steps",
-        "300",
-        "--warmup",
-        "1",
-        "--device",
-        "wgpu",
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ]));
-    assert_eq!(v["activation_checkpointing"], true, "{v}");
-    let steps: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|m| m["step"].as_u64().is_some_and(|s| s == 20 || s == 300))
-        .filter(|m| m["gpu_mem_gb"].is_number())
-        .collect();
-    assert_eq!(steps.len(), 2, "{steps:?}");
     for key in ["gpu_mem_gb", "gpu_mem_peak_gb"] {
-        let (at20, at300) = (
-            steps[0][key].as_f64().unwrap(),
-            steps[1][key].as_f64().unwrap(),
+        let at = |step: usize| gpu[step - 1][key].as_f64().unwrap();
+        eprintln!(
+            "{key}: step 20 {:.5} GB, step 300 {:.5} GB",
+            at(20),
+            at(300)
         );
-        eprintln!("{key}: step 20 {at20:.4} GB, step 300 {at300:.4} GB");
         assert!(
-            at300 <= at20 * 1.05,
-            "{key}: {at20} GB after step 20, {at300} GB after step 300"
+            at(300) <= at(20) * 1.05,
+            "{key}: {} GB after step 20, {} GB after step 300",
+            at(20),
+            at(300)
         );
     }
 }
