@@ -140,7 +140,7 @@ pub fn dispatch<J: Job>(device: DeviceChoice, precision: Precision, job: J) -> R
             let info = gpu::cuda_preflight(n)?;
             crate::dist::use_cuda_device(n);
             let dev = burn::backend::cuda::CudaDevice::new(n);
-            gpu::guarded(info, gpu::cuda_memory_probe(dev.clone()), || {
+            gpu::guarded(info, gpu::memory_probe::<burn::cubecl::cuda::CudaRuntime>(dev.clone()), || {
                 run_on::<Gpu, J>(dev, dtype, job)
             })
         }
@@ -152,7 +152,7 @@ pub fn dispatch<J: Job>(device: DeviceChoice, precision: Precision, job: J) -> R
         DeviceChoice::Wgpu => {
             let dev = burn::backend::wgpu::WgpuDevice::DefaultDevice;
             let info = gpu::wgpu_preflight(&dev)?;
-            gpu::guarded(info, gpu::wgpu_memory_probe(dev.clone()), || {
+            gpu::guarded(info, gpu::memory_probe::<burn::cubecl::wgpu::WgpuRuntime>(dev.clone()), || {
                 run_on::<Wgpu, J>(dev, dtype, job)
             })
         }

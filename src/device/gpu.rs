@@ -357,14 +357,13 @@ pub(super) fn cuda_preflight(n: usize) -> Result<DeviceInfo> {
     })
 }
 
-#[cfg(feature = "cuda")]
-pub(super) fn cuda_memory_probe(device: burn::backend::cuda::CudaDevice) -> Probe {
-    use burn::cubecl::{cuda::CudaRuntime, Runtime};
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+/// The memory probe of `device` on cubecl runtime `R`, reading the stream of the thread that
+/// builds it (the job's) from whichever thread calls it.
+pub(super) fn memory_probe<R: burn::cubecl::Runtime>(device: R::Device) -> Probe {
     let stream = burn::tensor::StreamId::current();
     std::sync::Arc::new(move || {
-        let u = stream
-            .executes(|| CudaRuntime::client(&device).memory_usage())
-            .ok()?;
+        let u = stream.executes(|| R::client(&device).memory_usage()).ok()?;
         Some((u.bytes_in_use, u.bytes_reserved))
     })
 }
@@ -419,18 +418,6 @@ pub(super) fn wgpu_preflight(device: &burn::backend::wgpu::WgpuDevice) -> Result
     Ok(DeviceInfo {
         name: "wgpu".into(),
         total_bytes: None,
-    })
-}
-
-#[cfg(feature = "wgpu")]
-pub(super) fn wgpu_memory_probe(device: burn::backend::wgpu::WgpuDevice) -> Probe {
-    use burn::cubecl::{wgpu::WgpuRuntime, Runtime};
-    let stream = burn::tensor::StreamId::current();
-    std::sync::Arc::new(move || {
-        let u = stream
-            .executes(|| WgpuRuntime::client(&device).memory_usage())
-            .ok()?;
-        Some((u.bytes_in_use, u.bytes_reserved))
     })
 }
 

@@ -135,14 +135,18 @@ impl MemoryPlan {
                 per_layer as f64 / GB
             ),
         };
+        let (teacher_weights, student_weights) = (
+            params(c.num_hidden_layers as u64) * e,
+            params(student_layers) * e,
+        );
         let terms = vec![
             (
                 format!("teacher weights ({} layers)", c.num_hidden_layers),
-                params(c.num_hidden_layers as u64) * e,
+                teacher_weights,
             ),
             (
                 format!("student weights (up to {student_layers} layers)"),
-                params(student_layers) * e,
+                student_weights,
             ),
             ("adapters + gradients + AdamW moments".to_string(), adapters),
             (
@@ -165,8 +169,10 @@ impl MemoryPlan {
         ];
         let total = match s.pooled {
             true => {
-                let fixed: u64 = terms[..3].iter().map(|(_, bytes)| bytes).sum();
-                fixed + teacher_peak.max(kept + loss.max(backward))
+                teacher_weights
+                    + student_weights
+                    + adapters
+                    + teacher_peak.max(kept + loss.max(backward))
             }
             false => terms.iter().map(|(_, bytes)| bytes).sum(),
         };
